@@ -1,0 +1,95 @@
+"""Per-frame autoencoders: pixel space (identity) and a KL autoencoder on diffusers.
+
+Both take frames in [-1, 1] as ``B T 3 H W`` and return latents ``B T C H/f W/f`` (f the
+spatial downsampling factor); there is no temporal compression, as in the paper. Nothing is
+downloaded: the KL autoencoder is built from config, or loaded from a local directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from mardini.config import AutoencoderConfig
+
+
+class Autoencoder(nn.Module):
+    """Interface: ``encode``/``decode`` per frame, with ``channels`` and ``downsample``."""
+
+    channels: int
+    downsample: int
+
+    def encode(self, video_BTCHW: torch.Tensor) -> torch.Tensor:
+        """Frames in [-1, 1] -> normalised latents."""
+        raise NotImplementedError
+
+    def decode(self, latents_BTChw: torch.Tensor) -> torch.Tensor:
+        """Normalised latents -> frames (roughly in [-1, 1])."""
+        raise NotImplementedError
+
+
+class PixelAutoencoder(Autoencoder):
+    """Identity: the diffusion models work on pixels (tests, the tiny CPU demo)."""
+
+    channels = 3
+    downsample = 1
+
+    def encode(self, video_BTCHW):
+        return video_BTCHW
+
+    def decode(self, latents_BTChw):
+        return latents_BTChw
+
+
+class KLAutoencoder(Autoencoder):
+    """``diffusers.AutoencoderKL`` applied frame by frame; 16 channels and 8x by default."""
+
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__()
+        from diffusers import AutoencoderKL  # heavy import, only when this autoencoder is used
+
+        if cfg.path is not None:
+            path = Path(cfg.path)
+            if not (path / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"autoencoder.path {cfg.path!r} has no config.json; give a directory written by "
+                    "AutoencoderKL.save_pretrained (hub ids are not fetched: no downloads at run time)"
+                )
+            self.vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True)
+        else:
+            blocks = len(cfg.block_out_channels)
+            self.vae = AutoencoderKL(
+                in_channels=3,
+                out_channels=3,
+                latent_channels=cfg.latent_channels,
+                block_out_channels=tuple(cfg.block_out_channels),
+                down_block_types=("DownEncoderBlock2D",) * blocks,
+                up_block_types=("UpDecoderBlock2D",) * blocks,
+                layers_per_block=cfg.layers_per_block,
+                norm_num_groups=min(32, min(cfg.block_out_channels)),
+            )
+        self.channels = self.vae.config.latent_channels
+        self.downsample = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.scale, self.shift = cfg.scaling_factor, cfg.shift_factor
+
+    def encode(self, video_BTCHW):
+        b = video_BTCHW.shape[0]
+        frames = rearrange(video_BTCHW, "b t c h w -> (b t) c h w")
+        # The posterior mean, not a sample: latents of a clip are deterministic.
+        z = self.vae.encode(frames).latent_dist.mode()
+        return rearrange((z - self.shift) * self.scale, "(b t) c h w -> b t c h w", b=b)
+
+    def decode(self, latents_BTChw):
+        b = latents_BTChw.shape[0]
+        z = rearrange(latents_BTChw, "b t c h w -> (b t) c h w") / self.scale + self.shift
+        return rearrange(self.vae.decode(z).sample, "(b t) c h w -> b t c h w", b=b)
+
+
+def build_autoencoder(cfg: AutoencoderConfig) -> Autoencoder:
+    """The autoencoder named by ``cfg.kind``."""
+    if cfg.kind == "pixel":
+        return PixelAutoencoder()
+    return KLAutoencoder(cfg)

@@ -1,0 +1,416 @@
+"""Typed configuration: model, data, stages and the curriculum, loaded from YAML.
+
+Every model is pydantic with ``extra="forbid"`` so a typo is an error, not a silent default.
+``load_config(path, overrides)`` applies dotted overrides (``stages.mar.steps=10``) to the raw
+YAML before validation and raises ``ConfigError`` naming the file and the key path.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is wrong; the message names the file and the key path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class PlannerConfig(_Strict):
+    """MAR planner: a Llama-style bidirectional transformer over low-resolution latents."""
+
+    depth: int = Field(2, ge=1)
+    width: int = Field(64, ge=8)
+    mlp: int = Field(128, ge=8)
+    heads: int = Field(4, ge=1)
+    patch: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> PlannerConfig:
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        return self
+
+
+class GeneratorConfig(_Strict):
+    """DM generator: a DiT-style denoiser over high-resolution latents."""
+
+    depth: int = Field(2, ge=1)
+    width: int = Field(64, ge=8)
+    mlp: int = Field(256, ge=8)
+    heads: int = Field(4, ge=1)
+    patch: int = Field(2, ge=1)
+    # "temporal": attention across frames at each spatial position (the paper's default DM);
+    # "spatiotemporal": full attention over all tokens of all frames (the paper's /ST variant).
+    attention: Literal["temporal", "spatiotemporal"] = "spatiotemporal"
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> GeneratorConfig:
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        return self
+
+
+class AutoencoderConfig(_Strict):
+    """Per-frame autoencoder: pixel space (identity) or a KL autoencoder (diffusers)."""
+
+    kind: Literal["pixel", "kl"] = "pixel"
+    latent_channels: int = Field(16, ge=1)
+    # Each entry halves the resolution once after the first: 4 entries give 8x compression.
+    block_out_channels: list[int] = Field(default_factory=lambda: [128, 256, 512, 512])
+    layers_per_block: int = Field(2, ge=1)
+    # Latents are normalised as (z - shift) * scale before the diffusion models see them.
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
+    # A local directory written by diffusers' save_pretrained; never a hub id (no downloads).
+    path: str | None = None
+
+
+class HeadConfig(_Strict):
+    """The planner's pre-training head (dropped after the ``mar`` stage)."""
+
+    # "projection": linear head + masked L2 reconstruction (the paper's);
+    # "diffusion": a small MLP denoiser per token conditioned on the planner (as in MAR).
+    kind: Literal["projection", "diffusion"] = "projection"
+    depth: int = Field(2, ge=1)
+    width: int = Field(128, ge=8)
+
+
+class ModelConfig(_Strict):
+    """The whole MarDini model. ``preset`` fills every field not given explicitly."""
+
+    preset: str | None = None
+    planner: PlannerConfig = Field(default_factory=PlannerConfig)
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    # The planner sees the video downscaled by this factor (pixels) before encoding.
+    planner_downscale: int = Field(2, ge=1)
+    # "flow": rectified flow (x_t = (1-t) x + t eps, predict eps - x);
+    # "v": the paper's v-prediction on a cosine schedule, sampled with DDIM.
+    objective: Literal["flow", "v"] = "flow"
+    # Probability of replacing the planning signals by the learned null during training (CFG).
+    cfg_dropout: float = Field(0.1, ge=0.0, le=1.0)
+    activation_checkpointing: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("preset") is None:
+            return data
+        name = data["preset"]
+        if name not in MODEL_PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
+        return _deep_merge(MODEL_PRESETS[name], data)
+
+
+# Size presets. Counts (planner without its pre-training head) are pinned by tests.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # Every test builds this one: a few thousand parameters per block, 32x32 pixels in seconds.
+    "debug": {
+        "planner": {"depth": 2, "width": 64, "mlp": 128, "heads": 4, "patch": 4},
+        "generator": {"depth": 2, "width": 64, "mlp": 256, "heads": 4, "patch": 4},
+        "autoencoder": {"kind": "pixel"},
+        "head": {"kind": "projection", "depth": 2, "width": 64},
+        "planner_downscale": 2,
+    },
+    # The CPU demo: the same shape of model at a size that trains in minutes on two cores.
+    "tiny": {
+        "planner": {"depth": 4, "width": 192, "mlp": 384, "heads": 6, "patch": 4},
+        "generator": {"depth": 4, "width": 128, "mlp": 512, "heads": 4, "patch": 4},
+        "autoencoder": {"kind": "pixel"},
+        "head": {"kind": "diffusion", "depth": 2, "width": 128},
+        "planner_downscale": 2,
+    },
+    # MAR-L (3.1B) + DM (288M), the paper's main model.
+    "paper": {
+        "planner": {"depth": 16, "width": 4096, "mlp": 8192, "heads": 32, "patch": 2},
+        "generator": {"depth": 8, "width": 1024, "mlp": 4096, "heads": 16, "patch": 2},
+        "autoencoder": {"kind": "kl", "latent_channels": 16},
+        "head": {"kind": "projection"},
+        "planner_downscale": 2,
+        "objective": "v",
+        "activation_checkpointing": True,
+    },
+    # MAR-S (1.3B) + DM (288M).
+    "paper-s": {
+        "planner": {"depth": 8, "width": 4096, "mlp": 4096, "heads": 32, "patch": 2},
+        "generator": {"depth": 8, "width": 1024, "mlp": 4096, "heads": 16, "patch": 2},
+        "autoencoder": {"kind": "kl", "latent_channels": 16},
+        "head": {"kind": "projection"},
+        "planner_downscale": 2,
+        "objective": "v",
+        "activation_checkpointing": True,
+    },
+    # MAR-L + a generator widened to about 1B parameters.
+    "paper-1b": {
+        "planner": {"depth": 16, "width": 4096, "mlp": 8192, "heads": 32, "patch": 2},
+        "generator": {"depth": 8, "width": 1920, "mlp": 7680, "heads": 30, "patch": 2},
+        "autoencoder": {"kind": "kl", "latent_channels": 16},
+        "head": {"kind": "projection"},
+        "planner_downscale": 2,
+        "objective": "v",
+        "activation_checkpointing": True,
+    },
+}
+
+
+# ----------------------------------------------------------------------------- data & stages
+
+
+class DataConfig(_Strict):
+    """Where the training clips live and how they are cut."""
+
+    dataset: str = "default"
+    # fsspec URL of the shards; default is {store}/shards/{dataset}.
+    shards: str | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    shuffle_buffer: int = Field(64, ge=1)
+    workers: int = Field(0, ge=0)
+    seed: int = 0
+
+
+class MaskConfig(_Strict):
+    """Which frames a training sample keeps as references."""
+
+    # Task mixture; probabilities are normalised.
+    tasks: dict[Literal["interpolation", "i2v", "expansion", "random"], float] = Field(
+        default_factory=lambda: {"random": 1.0}
+    )
+    # Fraction of frames kept as references; at least one frame is always masked.
+    keep: tuple[float, float] = (0.35, 1.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> MaskConfig:
+        lo, hi = self.keep
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"keep must satisfy 0 <= min <= max <= 1, got {self.keep}")
+        if (
+            not self.tasks
+            or any(p < 0 for p in self.tasks.values())
+            or sum(self.tasks.values()) <= 0
+        ):
+            raise ValueError(
+                f"tasks must have non-negative probabilities summing > 0: {self.tasks}"
+            )
+        return self
+
+
+class OptimizerConfig(_Strict):
+    """AdamW with linear warm-up and cosine decay."""
+
+    lr: float = Field(1.4e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+
+
+class GateConfig(_Strict):
+    """One evaluation gate: ``metric`` within ``min``/``max``, or ``beats`` a baseline."""
+
+    metric: str
+    min: float | None = None
+    max: float | None = None
+    beats: str | None = None
+    margin: float = 0.0
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> GateConfig:
+        if self.min is None and self.max is None and self.beats is None:
+            raise ValueError(f"gate on {self.metric!r} needs min, max or beats")
+        return self
+
+
+class StageConfig(_Strict):
+    """One curriculum stage: one training job with its own data shape, masks and gates."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _init_from_as_list(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("init_from"), str):
+            data = {**data, "init_from": [data["init_from"]]}
+        return data
+
+    name: str
+    kind: Literal["autoencoder", "mar", "dm", "joint"]
+    # Earlier stages (or models:/name@alias URIs) whose final weights initialise this one, in
+    # order: a joint stage starts from the planner of `mar` and the generator of `dm`.
+    init_from: list[str] = Field(default_factory=list)
+    steps: int = Field(100, ge=1)
+    micro_batch: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    frames: int = Field(4, ge=2)
+    resolution: int = Field(32, ge=8)
+    fps: float = Field(8.0, gt=0)
+    mask: MaskConfig = Field(default_factory=MaskConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    # Overrides the model's generator attention for this stage (weights are shared).
+    generator_attention: Literal["temporal", "spatiotemporal"] | None = None
+    # The paper's recipe counts clips seen; kept for the record and for scaling steps.
+    clips: int | None = None
+    checkpoint_every: int = Field(50, ge=1)
+    gates: list[GateConfig] = Field(default_factory=list)
+
+
+class SampleConfig(_Strict):
+    """Sampling defaults for evaluation and generation."""
+
+    steps: int = Field(25, ge=1)
+    solver: Literal["euler", "heun"] = "euler"
+    cfg_scale: float = Field(1.0, ge=0)
+
+
+class CurriculumConfig(_Strict):
+    """An ordered list of stages sharing one model, one dataset and one store."""
+
+    name: str
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    stages: list[StageConfig]
+    seed: int = 0
+    # Where the resolved config came from; filled by load_config.
+    source: str | None = None
+
+    @model_validator(mode="after")
+    def _init_from_earlier_stages(self) -> CurriculumConfig:
+        seen: set[str] = set()
+        for stage in self.stages:
+            for source in stage.init_from:
+                if not source.startswith("models:/") and source not in seen:
+                    raise ValueError(
+                        f"stage {stage.name!r} init_from {source!r}: not an earlier stage "
+                        f"(earlier: {sorted(seen)}) nor a models:/name@alias URI"
+                    )
+            seen.add(stage.name)
+        return self
+
+    @model_validator(mode="after")
+    def _unique_stages(self) -> CurriculumConfig:
+        names = [s.name for s in self.stages]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"stage names must be unique, repeated: {dupes}")
+        if not self.stages:
+            raise ValueError("a curriculum needs at least one stage")
+        return self
+
+    def stage(self, name: str) -> StageConfig:
+        """Return the stage called ``name``; the error lists the stages that exist."""
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise ConfigError(
+            f"{self.source or 'config'}: no stage {name!r}; stages are {[s.name for s in self.stages]}"
+        )
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Return ``base`` updated recursively by ``top`` (neither is modified)."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _apply_override(raw: dict[str, Any], override: str, source: str) -> None:
+    """Set one ``dotted.key=value`` in ``raw``; list items are addressed by index or stage name."""
+    if "=" not in override:
+        raise ConfigError(f"{source}: override {override!r} must look like key.path=value")
+    dotted, text = override.split("=", 1)
+    value = yaml.safe_load(text) if text else None
+    keys = dotted.strip().split(".")
+    node: Any = raw
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        where = ".".join(keys[: i + 1])
+        if isinstance(node, list):
+            index = _list_index(node, key)
+            if index is None:
+                raise ConfigError(f"{source}: override key {where!r}: no item {key!r} in this list")
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[key] = value
+            else:
+                node = node.setdefault(key, {})
+        else:
+            raise ConfigError(f"{source}: override key {where!r}: parent is not a mapping or list")
+
+
+def _list_index(items: list[Any], key: str) -> int | None:
+    if key.lstrip("-").isdigit():
+        index = int(key)
+        return index if -len(items) <= index < len(items) else None
+    for index, item in enumerate(items):
+        if isinstance(item, dict) and item.get("name") == key:
+            return index
+    return None
+
+
+def _key_path(loc: tuple[Any, ...], raw: dict[str, Any]) -> str:
+    """Turn a pydantic error location into ``stages.mar.optimizer.lr`` (stage names, not indices)."""
+    parts: list[str] = []
+    node: Any = raw
+    for item in loc:
+        if isinstance(node, list) and isinstance(item, int):
+            name = (
+                node[item].get("name")
+                if item < len(node) and isinstance(node[item], dict)
+                else None
+            )
+            parts.append(str(name) if name else str(item))
+            node = node[item] if item < len(node) else None
+        else:
+            parts.append(str(item))
+            node = node.get(item) if isinstance(node, dict) else None
+    return ".".join(parts)
+
+
+def load_config(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> CurriculumConfig:
+    """Load a curriculum YAML, apply dotted overrides and validate it."""
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise ConfigError(f"{source}: config file not found (looked for {path.resolve()})")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: top level must be a mapping, got {type(raw).__name__}")
+    for override in overrides:
+        _apply_override(raw, override, source)
+    raw["source"] = source
+    try:
+        return CurriculumConfig.model_validate(raw)
+    except ValidationError as err:
+        lines = [f"{_key_path(e['loc'], raw) or '<root>'}: {e['msg']}" for e in err.errors()]
+        raise ConfigError(f"{source}: invalid config\n  " + "\n  ".join(lines)) from None
+
+
+def model_config(preset: str, **fields: Any) -> ModelConfig:
+    """Build a ``ModelConfig`` from a preset name plus field overrides (tests, benchmarks)."""
+    return ModelConfig.model_validate({"preset": preset, **fields})

@@ -1,0 +1,129 @@
+"""Config loading: the shipped curricula validate; bad files fail naming file and key."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from mardini.config import ConfigError, CurriculumConfig, load_config
+from tests.conftest import CONFIGS
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "paper.yaml"])
+def test_shipped_configs_load(name):
+    cfg = load_config(CONFIGS / name)
+    assert isinstance(cfg, CurriculumConfig)
+    assert cfg.stages and len({s.name for s in cfg.stages}) == len(cfg.stages)
+    assert cfg.source.endswith(name)
+
+
+def test_tiny_has_the_curriculum_shape():
+    cfg = load_config(CONFIGS / "tiny.yaml")
+    assert [s.name for s in cfg.stages] == ["mar", "dm", "joint-interpolation", "joint-i2v"]
+    assert [s.kind for s in cfg.stages] == ["mar", "dm", "joint", "joint"]
+    assert cfg.model.planner.width == 192  # filled in from the tiny preset
+
+
+def test_paper_mirrors_the_published_recipe():
+    cfg = load_config(CONFIGS / "paper.yaml")
+    assert (
+        cfg.model.planner.depth == 16
+        and cfg.model.planner.width == 4096
+        and cfg.model.planner.mlp == 8192
+    )
+    assert cfg.model.generator.depth == 8 and cfg.model.generator.width == 1024
+    assert cfg.model.objective == "v" and cfg.sample.steps == 25
+    mar = cfg.stage("mar")
+    assert (
+        mar.kind == "mar"
+        and mar.mask.keep == (0.65, 1.0)
+        and mar.frames == 4
+        and mar.resolution == 256
+    )
+    last = cfg.stages[-1]
+    assert last.kind == "joint" and last.frames == 17 and last.mask.keep == (0.06, 0.30)
+    assert cfg.stage("joint-512-temporal").generator_attention == "temporal"
+    assert all(s.optimizer.lr == pytest.approx(1.4e-4) for s in cfg.stages)
+
+
+def test_overrides_by_index_and_stage_name():
+    cfg = load_config(
+        CONFIGS / "tiny.yaml",
+        ["stages.mar.steps=7", "stages.1.optimizer.lr=0.5", "model.planner.depth=3", "seed=11"],
+    )
+    assert cfg.stage("mar").steps == 7
+    assert cfg.stages[1].optimizer.lr == 0.5
+    assert cfg.model.planner.depth == 3 and cfg.model.planner.width == 192
+    assert cfg.seed == 11
+
+
+def _write(tmp_path, data) -> str:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def _tiny_raw():
+    return yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
+
+
+def test_unknown_key_names_file_and_key(tmp_path):
+    raw = _tiny_raw()
+    raw["stages"][0]["optimizer"]["lrr"] = 1e-3
+    path = _write(tmp_path, raw)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert path in str(err.value)
+    assert "stages.mar.optimizer.lrr" in str(err.value)
+
+
+def test_wrong_type_names_file_and_key(tmp_path):
+    raw = _tiny_raw()
+    raw["model"]["planner"] = {"depth": "deep"}
+    path = _write(tmp_path, raw)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert path in str(err.value) and "model.planner.depth" in str(err.value)
+
+
+def test_bad_override_names_key(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "tiny.yaml", ["stages.nope.steps=3"])
+    assert "stages.nope" in str(err.value) and "tiny.yaml" in str(err.value)
+    with pytest.raises(ConfigError, match="stages.mar.kind"):
+        load_config(CONFIGS / "tiny.yaml", ["stages.mar.kind=planner"])
+
+
+def test_missing_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(missing)
+
+
+def test_unknown_preset_and_stage(tmp_path):
+    raw = _tiny_raw()
+    raw["model"]["preset"] = "huge"
+    with pytest.raises(ConfigError, match="model"):
+        load_config(_write(tmp_path, raw))
+    cfg = load_config(CONFIGS / "tiny.yaml")
+    with pytest.raises(ConfigError, match="joint-interpolation"):
+        cfg.stage("nope")
+
+
+def test_gate_needs_a_rule(tmp_path):
+    raw = _tiny_raw()
+    raw["stages"][0]["gates"] = [{"metric": "loss"}]
+    with pytest.raises(ConfigError, match="stages.mar.gates.0"):
+        load_config(_write(tmp_path, raw))
+
+
+def test_init_from_must_name_an_earlier_stage(tmp_path):
+    cfg = load_config(CONFIGS / "tiny.yaml")
+    assert cfg.stage("joint-interpolation").init_from == ["mar", "dm"]
+    assert cfg.stage("joint-i2v").init_from == ["joint-interpolation"]
+    raw = _tiny_raw()
+    raw["stages"][0]["init_from"] = "dm"  # dm comes after mar
+    with pytest.raises(ConfigError, match="init_from 'dm'"):
+        load_config(_write(tmp_path, raw))
+    raw["stages"][0]["init_from"] = "models:/tiny@dm"
+    assert load_config(_write(tmp_path, raw)).stages[0].init_from == ["models:/tiny@dm"]

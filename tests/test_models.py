@@ -1,0 +1,227 @@
+"""MarDini architecture: shapes, Identity Attention, parameter counts, sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mardini.config import ModelConfig
+from mardini.masking import expansion_mask, i2v_mask, interpolation_mask, random_mask
+from mardini.models import KINDS, PRESETS, build_model
+
+SIZE = {"debug": 32, "tiny": 32}
+MASKS = {
+    "interpolation": lambda t: interpolation_mask(t, batch=2),
+    "i2v": lambda t: i2v_mask(t, batch=2),
+    "expansion": lambda t: expansion_mask(t, keep=2, batch=2),
+    "random": lambda t: random_mask(t, keep=2, batch=2, generator=torch.Generator().manual_seed(0)),
+}
+
+
+def _perturbed(model):
+    """Nudge every weight: zero-initialised output layers (DiT/MAR style) block gradients to
+    everything upstream on the very first step; a trained model has no such zeros."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    return {name: _perturbed(build_model(name)) for name in SIZE}
+
+
+def _video(size, frames=5, batch=2):
+    return torch.rand(batch, frames, 3, size, size) * 2 - 1
+
+
+@pytest.mark.parametrize("preset", list(SIZE))
+@pytest.mark.parametrize("task", list(MASKS))
+@pytest.mark.parametrize("kind", KINDS)
+def test_loss_shapes_and_gradients(models, preset, task, kind):
+    model = models[preset]
+    video, mask = _video(SIZE[preset]), MASKS[task](5)
+    model.zero_grad(set_to_none=True)
+    out = model(video, mask, kind=kind)
+    assert out["loss"].shape == () and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    touched = {
+        name.split(".")[0]
+        for name, p in model.named_parameters()
+        if p.grad is not None and p.grad.abs().sum() > 0
+    }
+    expected = {
+        "mar": {"planner", "planner_head"},
+        "dm": {"generator"},
+        "joint": {"planner", "generator"},
+    }[kind]
+    assert touched == expected, f"{kind}: gradients reached {touched}"
+
+
+@pytest.mark.parametrize("preset", list(SIZE))
+def test_planning_signal_and_generator_shapes(models, preset):
+    model = models[preset]
+    cfg = model.cfg
+    video, mask = _video(SIZE[preset], frames=3), interpolation_mask(3, batch=2)
+    hi, lo = model.encode(video)
+    assert hi.shape == (2, 3, 3, SIZE[preset], SIZE[preset])
+    assert lo.shape[-1] == SIZE[preset] // cfg.planner_downscale
+    plan = model.planner(lo, mask)
+    n = (lo.shape[-1] // cfg.planner.patch) ** 2
+    assert plan.shape == (2, 3, n, cfg.planner.width)
+    v = model.generator(hi, torch.rand(2, 3), mask, plan)
+    assert v.shape == hi.shape
+
+
+def test_bad_video_sizes_are_explained(models):
+    with pytest.raises(ValueError, match="multiples of 8"):
+        models["debug"](torch.zeros(1, 3, 3, 20, 20), interpolation_mask(3))
+    with pytest.raises(ValueError, match="B T 3 H W"):
+        models["debug"](torch.zeros(3, 3, 32, 32), interpolation_mask(3))
+    with pytest.raises(ValueError, match="at least one masked frame"):
+        models["debug"](torch.zeros(1, 3, 3, 32, 32), torch.ones(1, 3, dtype=torch.bool))
+
+
+# ------------------------------------------------------------------ Identity Attention
+
+
+def _capture_block_outputs(module_list):
+    outputs, hooks = [], []
+    for block in module_list:
+        hooks.append(
+            block.register_forward_hook(lambda m, i, o: outputs.append(o.detach().clone()))
+        )
+    return outputs, hooks
+
+
+@pytest.mark.parametrize("attention", ["temporal", "spatiotemporal"])
+def test_identity_attention_in_generator(attention):
+    torch.manual_seed(0)
+    # Perturbed: non-zero modulation and outputs, so every sublayer actually contributes.
+    model = _perturbed(build_model(ModelConfig(preset="debug", cfg_dropout=0.0))).eval()
+    frames, size = 5, 32
+    mask = torch.tensor([[True, False, True, False, False], [False, True, False, False, True]])
+    is_ref = mask.repeat_interleave((size // model.cfg.generator.patch) ** 2, dim=1)
+    video = _video(size, frames)
+    hi, lo = model.encode(video)
+    plan = model.planner(lo, mask)
+    t_BT = torch.where(mask, 0.0, 0.7)
+    x_t = torch.where(mask[..., None, None, None], hi, torch.randn_like(hi))
+    x_t2 = torch.where(mask[..., None, None, None], hi, torch.randn_like(hi))  # other noise
+
+    runs = []
+    for x in (x_t, x_t2):
+        outputs, hooks = _capture_block_outputs(model.generator.blocks)
+        with torch.no_grad():
+            final = model.generator(x, t_BT, mask, plan, attention)
+        for h in hooks:
+            h.remove()
+        runs.append((outputs, final))
+    for out_a, out_b in zip(runs[0][0], runs[1][0], strict=True):
+        ref_diff = (out_a - out_b)[is_ref].abs().max().item()
+        noised_diff = (out_a - out_b)[~is_ref].abs().max().item()
+        assert ref_diff <= 1e-6, f"a reference token changed by {ref_diff}"
+        assert noised_diff > 1e-3, "control: noised tokens must change when their input changes"
+    ref_frames = mask[..., None, None, None].expand_as(hi)
+    assert (runs[0][1] - runs[1][1])[ref_frames].abs().max().item() <= 1e-6
+
+
+def test_identity_attention_in_planner():
+    torch.manual_seed(0)
+    model = build_model("debug").eval()
+    mask = torch.tensor([[True, False, True, False]])
+    video = _video(32, 4, batch=1)
+    other = video.clone()
+    other[:, 1] = torch.rand_like(other[:, 1])  # masked frames' content never matters ...
+    other[:, 3] = -other[:, 3]
+    _, lo = model.encode(video)
+    _, lo2 = model.encode(other)
+    with torch.no_grad():
+        assert torch.equal(model.planner(lo, mask), model.planner(lo2, mask))
+        plan_a = model.planner(lo, mask)
+        # What stands in the masked frames (the [MASK] embedding) reaches only masked tokens.
+        model.planner.mask_token.add_(1.0)
+        plan_b = model.planner(lo, mask)
+    assert (plan_a[:, [0, 2]] - plan_b[:, [0, 2]]).abs().max() <= 1e-6
+    assert (plan_a[:, [1, 3]] - plan_b[:, [1, 3]]).abs().max() > 1e-3
+
+
+def test_without_the_mask_references_would_change():
+    """Control for the Identity Attention test: plain attention leaks noise into references."""
+    from mardini.models.attention import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(32, 4)
+    x = torch.randn(1, 6, 32)
+    y = x.clone()
+    y[:, 3:] = torch.randn(1, 3, 32)
+    is_ref = torch.tensor([[True] * 3 + [False] * 3])
+    with torch.no_grad():
+        plain = (attn(x, 2, "full") - attn(y, 2, "full"))[:, :3].abs().max()
+        masked = (
+            (attn(x, 2, "full", is_ref_BL=is_ref) - attn(y, 2, "full", is_ref_BL=is_ref))[:, :3]
+            .abs()
+            .max()
+        )
+    assert plain > 1e-3 and masked <= 1e-6
+
+
+# ------------------------------------------------------------------ sizes
+
+
+def _count(preset):
+    with torch.device("meta"):
+        return build_model(preset).num_params()
+
+
+def test_paper_parameter_counts():
+    counts = _count("paper")
+    assert counts["planner"] == pytest.approx(3.1e9, rel=0.05)
+    assert counts["generator"] == pytest.approx(288e6, rel=0.05)
+    assert _count("paper-1b")["generator"] == pytest.approx(1.0e9, rel=0.05)
+    assert _count("paper-s")["planner"] == pytest.approx(1.3e9, rel=0.05)
+
+
+def test_every_preset_builds_on_meta():
+    for name in PRESETS:
+        with torch.device("meta"):
+            model = build_model(name)
+        assert all(p.is_meta for p in model.parameters())
+
+
+# ------------------------------------------------------------------ sampling
+
+
+@pytest.mark.parametrize("kind", ["dm", "joint"])
+@pytest.mark.parametrize("solver,cfg_scale", [("euler", 1.0), ("heun", 2.5)])
+def test_sample_is_deterministic_and_keeps_references(models, kind, solver, cfg_scale):
+    model = models["debug"].eval()
+    video = _video(32, frames=5, batch=2)
+    mask = interpolation_mask(5, batch=2)
+
+    def run(seed):
+        g = torch.Generator().manual_seed(seed)
+        return model.sample(
+            video, mask, steps=4, solver=solver, cfg_scale=cfg_scale, kind=kind, generator=g
+        )
+
+    a, b, c = run(1), run(1), run(2)
+    assert a.shape == video.shape
+    assert torch.equal(a, b)
+    assert not torch.equal(a[:, 1:-1], c[:, 1:-1])
+    assert torch.equal(a[mask], video[mask])
+    assert a.min() >= -1 and a.max() <= 1
+
+
+def test_sample_ignores_masked_frame_content(models):
+    model = models["debug"].eval()
+    video = _video(32, frames=4, batch=1)
+    other = video.clone()
+    other[:, 1:3] = 0.5
+    mask = interpolation_mask(4)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    a = model.sample(video, mask, steps=2, generator=g())
+    b = model.sample(other, mask, steps=2, generator=g())
+    assert torch.equal(a[:, 1:3], b[:, 1:3])
