@@ -82,6 +82,15 @@ class KLAutoencoder(Autoencoder):
         z = self.vae.encode(frames).latent_dist.mode()
         return rearrange((z - self.shift) * self.scale, "(b t) c h w -> b t c h w", b=b)
 
+    def loss(self, video_BTCHW: torch.Tensor, kl_weight: float = 1e-6) -> dict[str, torch.Tensor]:
+        """Training loss of the ``autoencoder`` stage: pixel MSE of a posterior sample + KL."""
+        frames = rearrange(video_BTCHW, "b t c h w -> (b t) c h w")
+        posterior = self.vae.encode(frames).latent_dist
+        recon = self.vae.decode(posterior.sample()).sample
+        mse = torch.nn.functional.mse_loss(recon, frames)
+        kl = posterior.kl().mean() / frames[0].numel()
+        return {"loss": mse + kl_weight * kl, "mse": mse.detach(), "kl": kl.detach()}
+
     def decode(self, latents_BTChw):
         b = latents_BTChw.shape[0]
         z = rearrange(latents_BTChw, "b t c h w -> (b t) c h w") / self.scale + self.shift

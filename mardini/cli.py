@@ -10,7 +10,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from pipelines.k8s_cli import app as k8s_app
+
 app = typer.Typer(help="MarDini: masked autoregressive diffusion for video.", no_args_is_help=True)
+app.add_typer(k8s_app, name="k8s", help="Kubernetes: render the PyTorchJob of a stage.")
 console = Console()
 
 

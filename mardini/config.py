@@ -177,8 +177,14 @@ class DataConfig(_Strict):
     train_split: str = "train"
     val_split: str = "val"
     shuffle_buffer: int = Field(64, ge=1)
+    # Independent seeded sample streams per rank; a resumed job's batches depend on it, so
+    # change it only between stages (see mardini/data/loader.py).
+    lanes: int = Field(8, ge=1)
     workers: int = Field(0, ge=0)
     seed: int = 0
+    # Debugging aid: train on the first batch over and over (a loss that does not fall here
+    # means a bug, not a data problem).
+    overfit_batch: bool = False
 
 
 class MaskConfig(_Strict):
@@ -262,6 +268,8 @@ class StageConfig(_Strict):
     # The paper's recipe counts clips seen; kept for the record and for scaling steps.
     clips: int | None = None
     checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
     gates: list[GateConfig] = Field(default_factory=list)
 
 

@@ -104,3 +104,47 @@ def s3_bucket(s3_endpoint, request) -> str:
     )
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+@pytest.fixture(scope="session")
+def train_shards(tmp_path_factory, bikes_path, carphone_path) -> str:
+    """A small dataset in the sharder's layout: ``{root}/{train,val}/shard-*.tar`` of 8-frame,
+    32 px, 8 fps clips cut from the two real clips (written directly with webdataset)."""
+    import webdataset as wds
+
+    from mardini.video import read_video, write_video
+
+    root = tmp_path_factory.mktemp("train-shards")
+    tmp = root / "clip.mp4"
+    clips = []
+    for name, path in (("bikes", bikes_path), ("carphone", carphone_path)):
+        video = read_video(path, frames=24, fps=8, size=32)
+        for start in range(0, 17, 4):
+            clips.append(
+                (
+                    f"{name}-{start:03d}",
+                    name,
+                    start,
+                    write_video(tmp, video[start : start + 8], 8).read_bytes(),
+                )
+            )
+    tmp.unlink()
+    layout = {"train": clips[:3] + clips[5:8], "val": clips[3:5] + clips[8:]}
+    for split, items in layout.items():
+        (root / split).mkdir()
+        for shard in range(2):
+            with wds.TarWriter(str(root / split / f"shard-{shard:06d}.tar")) as tar:
+                for key, source, start, data in items[shard::2]:
+                    meta = {
+                        "source": source,
+                        "start": start / 8,
+                        "fps": 8,
+                        "size": 32,
+                        "frames": 8,
+                        "scores": {},
+                    }
+                    tar.write({"__key__": key, "mp4": data, "json": meta})
+    return str(root)

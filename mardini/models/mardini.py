@@ -117,6 +117,10 @@ class MarDini(nn.Module):
         ``generator`` makes noise, times and guidance dropout reproducible; ``latents`` (hi, lo)
         skips the autoencoder when they were computed before.
         """
+        if kind == "autoencoder":
+            if not hasattr(self.autoencoder, "loss"):
+                raise ValueError("an autoencoder stage needs a trainable autoencoder (kind: kl)")
+            return self.autoencoder.loss(video_BT3HW)
         if kind not in KINDS:
             raise ValueError(f"unknown stage kind {kind!r} for MarDini.forward; use one of {KINDS}")
         if frame_mask_BT.all(dim=1).any():

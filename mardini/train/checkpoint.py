@@ -1,0 +1,201 @@
+"""Checkpoints on any fsspec store, safe against torn writes, and consolidated exports.
+
+Layout under ``{store}/runs/{curriculum}/{stage}/``:
+``checkpoints/step-N/`` DeepSpeed ZeRO-3 files of every rank; ``checkpoints/latest`` the tag of
+the newest *complete* checkpoint; ``final/model.safetensors`` + ``final/config.json``.
+
+Protocol: every rank saves into its own local directory and uploads its own files; a barrier
+with an all-reduced success flag confirms every upload; only then rank 0 writes ``latest``. A
+crash anywhere before that leaves ``latest`` on the previous complete checkpoint, and the
+partial ``step-N`` directory is ignored (and overwritten by the next save of that step).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from mardini.storage import filesystem, join
+
+log = logging.getLogger(__name__)
+
+# Which parts of MarDini each stage kind trains (and so exports as its contribution).
+TRAINED_PARTS: dict[str, tuple[str, ...]] = {
+    "autoencoder": ("autoencoder",),
+    "mar": ("planner", "planner_head"),
+    "dm": ("generator",),
+    "joint": ("planner", "generator"),
+}
+
+
+def stage_dir(store: str, curriculum: str, stage: str) -> str:
+    """``{store}/runs/{curriculum}/{stage}``."""
+    return join(store, "runs", curriculum, stage)
+
+
+def fault_point(point: str) -> None:
+    """Test hook: ``MARDINI_FAULT=<point>:<rank>`` SIGKILLs that rank at that point (e.g.
+    ``after-upload:step-4:1``, ``step:3:0``); used by the crash/resume tests."""
+    spec = os.environ.get("MARDINI_FAULT", "")
+    if not spec:
+        return
+    want, _, rank = spec.rpartition(":")
+    if want == point and rank == os.environ.get("RANK", "0"):
+        log.warning("fault injection: killing rank %s at %s", rank, point)
+        os.kill(os.getpid(), 9)
+
+
+class CheckpointManager:
+    """Save/resume DeepSpeed checkpoints to ``{stage_dir}/checkpoints`` on any fsspec store."""
+
+    def __init__(self, stage_url: str, rank: int, world_size: int, keep: int = 2):
+        self.root = join(stage_url, "checkpoints")
+        self.rank, self.world_size, self.keep = rank, world_size, keep
+        self.fs, self.path = filesystem(self.root)
+        self.local = Path(tempfile.mkdtemp(prefix=f"mardini-ckpt-r{rank}-"))
+
+    def latest(self) -> str | None:
+        """The tag (``step-N``) of the newest complete checkpoint, or None."""
+        latest = f"{self.path}/latest"
+        if not self.fs.exists(latest):
+            return None
+        return self.fs.cat_file(latest).decode().strip() or None
+
+    def save(self, engine, step: int, client_state: dict[str, Any]) -> str:
+        """Save every rank's shard, upload it, and commit ``latest`` once all ranks uploaded."""
+        tag = f"step-{step}"
+        local = self.local / "save"
+        shutil.rmtree(local, ignore_errors=True)
+        engine.save_checkpoint(str(local), tag=tag, client_state=client_state, save_latest=False)
+        ok = 1
+        try:
+            for file in sorted((local / tag).rglob("*")):
+                if file.is_file():
+                    self.fs.put_file(
+                        str(file), f"{self.path}/{tag}/{file.relative_to(local / tag)}"
+                    )
+        except Exception:
+            log.exception("rank %d could not upload checkpoint %s to %s", self.rank, tag, self.root)
+            ok = 0
+        fault_point(f"after-upload:{tag}")
+        flag = torch.tensor([ok], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if int(flag) != 1:
+            raise RuntimeError(
+                f"checkpoint {tag} incomplete on {self.root}: a rank failed to upload"
+            )
+        if self.rank == 0:
+            fault_point(f"before-latest:{tag}")
+            self.fs.pipe_file(f"{self.path}/latest", tag.encode())
+            self._prune(step)
+        dist.barrier()
+        shutil.rmtree(local, ignore_errors=True)
+        log.info("checkpoint %s committed to %s", tag, self.root)
+        return tag
+
+    def _prune(self, step: int) -> None:
+        """Keep the newest ``keep`` complete checkpoints; delete older (and torn) step dirs."""
+        try:
+            entries = self.fs.ls(self.path, detail=False)
+        except FileNotFoundError:
+            return
+        steps = sorted(
+            int(name.rsplit("-", 1)[1])
+            for name in (e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+            if name.startswith("step-") and name.rsplit("-", 1)[1].isdigit()
+        )
+        keep = [s for s in steps if s <= step][-self.keep :]
+        for s in steps:
+            if s not in keep and s < step:
+                self.fs.rm(f"{self.path}/step-{s}", recursive=True)
+
+    def load(self, engine, tag: str) -> dict[str, Any]:
+        """Download checkpoint ``tag`` and load model, optimizer and LR schedule into ``engine``."""
+        local = self.local / "load"
+        shutil.rmtree(local, ignore_errors=True)
+        (local / tag).mkdir(parents=True)
+        remote = f"{self.path}/{tag}"
+        for file in self.fs.find(remote):
+            rel = file[len(remote) :].lstrip("/")
+            target = local / tag / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get_file(file, str(target))
+        path, client_state = engine.load_checkpoint(str(local), tag=tag)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {remote}")
+        shutil.rmtree(local, ignore_errors=True)
+        return client_state or {}
+
+
+def export_final(state: dict[str, torch.Tensor], meta: dict[str, Any], stage_url: str) -> str:
+    """Write ``final/model.safetensors`` and ``final/config.json``; returns the final URL."""
+    final = join(stage_url, "final")
+    fs, path = filesystem(final)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, f"{tmp}/model.safetensors")
+        Path(f"{tmp}/config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        # config.json last: its presence marks a complete export.
+        fs.put_file(f"{tmp}/model.safetensors", f"{path}/model.safetensors")
+        fs.put_file(f"{tmp}/config.json", f"{path}/config.json")
+    return final
+
+
+def read_final(final_url: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load an exported ``final/`` directory (local or remote): weights and metadata."""
+    fs, path = filesystem(final_url)
+    if not fs.exists(f"{path}/config.json"):
+        raise FileNotFoundError(
+            f"no finished export at {final_url} (config.json missing): train that stage first"
+        )
+    meta = json.loads(fs.cat_file(f"{path}/config.json"))
+    with tempfile.TemporaryDirectory() as tmp:
+        fs.get_file(f"{path}/model.safetensors", f"{tmp}/model.safetensors")
+        return load_file(f"{tmp}/model.safetensors"), meta
+
+
+def resolve_init_source(source: str, store: str, curriculum: str) -> str:
+    """URL of the ``final/`` export an ``init_from`` entry names (stage name or models:/ URI)."""
+    if source.startswith("models:/"):
+        import mlflow
+
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source))
+        found = sorted(local.rglob("model.safetensors"))
+        if not found:
+            raise FileNotFoundError(f"{source} holds no model.safetensors (looked under {local})")
+        return str(found[0].parent)
+    return join(stage_dir(store, curriculum, source), "final")
+
+
+def load_init(model: torch.nn.Module, sources: list[str], store: str, curriculum: str) -> list[str]:
+    """Copy into ``model`` the parts each source trained, in order; returns what was loaded."""
+    loaded = []
+    for source in sources:
+        url = resolve_init_source(source, store, curriculum)
+        state, meta = read_final(url)
+        parts = tuple(meta.get("trained_parts", ()))
+        if not parts:
+            raise ValueError(f"{url}/config.json lists no trained_parts; cannot tell what to load")
+        picked = {k: v for k, v in state.items() if k.split(".", 1)[0] in parts}
+        own = model.state_dict()
+        missing = [k for k in own if k.split(".", 1)[0] in parts and k not in picked]
+        if missing:
+            raise ValueError(f"{url} lacks weights for {missing[:5]} (model changed since export?)")
+        for key, value in picked.items():
+            if key not in own or own[key].shape != value.shape:
+                raise ValueError(
+                    f"{url}: weight {key} has shape {tuple(value.shape)}, the model expects "
+                    f"{tuple(own[key].shape) if key in own else 'no such weight'}"
+                )
+        model.load_state_dict(picked, strict=False)
+        loaded.append(f"{source}: {', '.join(parts)}")
+        log.info("initialised %s from %s", ", ".join(parts), url)
+    return loaded

@@ -1,0 +1,394 @@
+"""Train one curriculum stage as a DeepSpeed ZeRO-3 job (run under ``torchrun``).
+
+The model code knows nothing of this: here live distributed start-up, the DeepSpeed config,
+initialisation from earlier stages, checkpoint/resume, the training loop, tracking and the
+consolidated export. Every rank runs the same code; rank 0 alone logs to MLflow and prints.
+
+Determinism: frame masks, diffusion noise and guidance dropout of step ``s`` on rank ``r`` come
+from a generator seeded with ``(seed, r, s)``, and the data loader resumes at ``s``; so a job
+resumed from a checkpoint takes exactly the steps an uninterrupted job takes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import resource
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from mardini.config import CurriculumConfig, StageConfig
+from mardini.masking import MaskSampler
+from mardini.models import MarDini, build_model
+from mardini.storage import join, store_root
+from mardini.train.checkpoint import (
+    TRAINED_PARTS,
+    CheckpointManager,
+    export_final,
+    fault_point,
+    load_init,
+    stage_dir,
+)
+from mardini.train.tracking import Tracker, git_commit
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the message names the stage and the step."""
+
+
+@dataclass
+class StageResult:
+    """What a finished stage produced."""
+
+    stage: str
+    steps: int
+    final_url: str
+    run_id: str | None
+    losses: dict[int, float] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def deepspeed_config(stage: StageConfig, on_gpu: bool) -> dict:
+    """The DeepSpeed config for a stage: ZeRO-3, clipping, accumulation, bf16 on GPU only."""
+    return {
+        "train_micro_batch_size_per_gpu": stage.micro_batch,
+        "gradient_accumulation_steps": stage.grad_accum,
+        "gradient_clipping": stage.optimizer.grad_clip,
+        "zero_optimization": {
+            "stage": 3,
+            "overlap_comm": on_gpu,
+            "contiguous_gradients": True,
+            "stage3_gather_16bit_weights_on_model_save": False,
+        },
+        "bf16": {"enabled": on_gpu},
+        # Our optimizer is torch's AdamW: it runs on CPU and GPU alike (DeepSpeed's fused Adam
+        # is CUDA-only), and ZeRO-3 partitions its state all the same.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_lambda(stage: StageConfig):
+    """Linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at the last step."""
+    warmup, total, floor = stage.optimizer.warmup_steps, stage.steps, stage.optimizer.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join the process group torchrun set up: nccl on GPU, gloo on CPU (``DS_ACCELERATOR=cpu``)."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        raise RuntimeError(
+            "mardini.train runs under torchrun, e.g. `torchrun --nproc-per-node 2 -m mardini.train "
+            "--config configs/tiny.yaml --stage mar` (DS_ACCELERATOR=cpu on a machine without GPUs)"
+        )
+    on_gpu = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+    if not on_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if on_gpu:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """The RNG of one (rank, step): masks, noise and dropout are reproducible on resume."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + rank) * 1_000_003 + step)
+
+
+def freeze_for(model: MarDini, kind: str) -> list[str]:
+    """Make only the parts a stage kind trains require gradients; returns their names."""
+    parts = TRAINED_PARTS[kind]
+    for name, module in model.named_children():
+        module.requires_grad_(name in parts)
+    if kind == "autoencoder" and model.cfg.autoencoder.kind == "pixel":
+        raise ValueError(
+            "an autoencoder stage needs model.autoencoder.kind: kl (pixel space has no weights)"
+        )
+    return list(parts)
+
+
+def train_batches(
+    cfg: CurriculumConfig, stage: StageConfig, store: str, rank: int, world: int, start_step: int
+) -> Iterator[torch.Tensor]:
+    """Micro-batches ``B T 3 H W`` for this rank from ``start_step`` on (one per micro-step)."""
+    from mardini.data import train_loader
+
+    url = cfg.data.shards or join(store, "shards", cfg.data.dataset)
+    loader = train_loader(
+        url,
+        split=cfg.data.train_split,
+        frames=stage.frames,
+        resolution=stage.resolution,
+        fps=stage.fps,
+        micro_batch=stage.micro_batch,
+        seed=cfg.data.seed + cfg.seed,
+        rank=rank,
+        world_size=world,
+        start_step=0 if cfg.data.overfit_batch else start_step * stage.grad_accum,
+        workers=cfg.data.workers,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        lanes=cfg.data.lanes,
+    )
+    if cfg.data.overfit_batch:
+        first = next(iter(loader))
+        while True:
+            yield first
+    yield from loader
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocator peak on GPU, max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def tokens_per_sample(model: MarDini, stage: StageConfig) -> int:
+    """Tokens one clip puts through the planner and/or the generator in this stage kind."""
+    cfg, f = model.cfg, model.autoencoder.downsample
+    hi = (stage.resolution // f // cfg.generator.patch) ** 2 * stage.frames
+    lo = (stage.resolution // cfg.planner_downscale // f // cfg.planner.patch) ** 2 * stage.frames
+    return {"mar": lo, "dm": hi, "joint": lo + hi, "autoencoder": hi}[stage.kind]
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def train_stage(
+    cfg: CurriculumConfig,
+    stage_name: str,
+    store: str | None = None,
+    parent_run_id: str | None = None,
+    config_path: str | None = None,
+) -> StageResult:
+    """Train ``stage_name`` of ``cfg`` to its last step (resuming if a checkpoint exists)."""
+    import deepspeed
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    stage = cfg.stage(stage_name)
+    store = store_root(store)
+    rank, world, device = init_distributed()
+    on_gpu = device.type == "cuda"
+    url = stage_dir(store, cfg.name, stage.name)
+
+    # Identical initial weights on every rank before ZeRO-3 partitions them.
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model)
+    if stage.init_from:
+        load_init(model, stage.init_from, store, cfg.name)
+    parts = freeze_for(model, stage.kind)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt_cfg = stage.optimizer
+    optimizer = torch.optim.AdamW(
+        params, lr=opt_cfg.lr, betas=opt_cfg.betas, weight_decay=opt_cfg.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(stage, on_gpu),
+    )
+
+    ckpt = CheckpointManager(url, rank, world, keep=stage.keep_checkpoints)
+    start_step, run_id = 0, None
+    tag = ckpt.latest()
+    if tag is not None:
+        state = ckpt.load(engine, tag)
+        start_step, run_id = int(state["step"]), state.get("mlflow_run_id")
+        if rank == 0:
+            log.info("resumed %s/%s from %s at step %d", cfg.name, stage.name, tag, start_step)
+
+    tracker = Tracker(enabled=rank == 0)
+    run_id = tracker.start(
+        cfg.name,
+        stage.name,
+        store,
+        tags={
+            "curriculum": cfg.name,
+            "stage": stage.name,
+            "kind": stage.kind,
+            "git_commit": git_commit(),
+        },
+        run_id=run_id,
+        parent_run_id=parent_run_id or os.environ.get("MARDINI_PARENT_RUN_ID"),
+    )
+    if rank == 0:
+        tracker.params(
+            {
+                "stage": stage.model_dump(mode="json"),
+                "model": cfg.model.model_dump(mode="json"),
+                "data": cfg.data.model_dump(mode="json"),
+                "world_size": world,
+                "trained_parts": ",".join(parts),
+            }
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            resolved = Path(tmp) / "resolved_config.yaml"
+            resolved.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+            tracker.artifact(resolved, "config")
+            if config_path and Path(config_path).is_file():
+                tracker.artifact(config_path, "config")
+
+    losses = _loop(
+        engine, scheduler, cfg, stage, store, rank, world, device, start_step, ckpt, tracker
+    )
+
+    # Consolidate the ZeRO-3 shards into one set of full weights on rank 0.
+    state = _gather_state(engine, rank)
+    final_url = join(url, "final")
+    if rank == 0:
+        meta = {
+            "curriculum": cfg.name,
+            "stage": stage.name,
+            "kind": stage.kind,
+            "steps": stage.steps,
+            "trained_parts": parts,
+            "model": cfg.model.model_dump(mode="json"),
+            "mlflow_run_id": run_id,
+        }
+        export_final(state, meta, url)
+        tracker.metrics({"final_exported": 1.0}, step=stage.steps)
+        tracker.end()
+        log.info("stage %s finished: %s", stage.name, final_url)
+    dist.barrier()
+    return StageResult(stage.name, stage.steps, final_url, run_id, losses)
+
+
+def _loop(
+    engine, scheduler, cfg, stage, store, rank, world, device, start_step, ckpt, tracker
+) -> dict[int, float]:
+    """The training loop from ``start_step`` to ``stage.steps``; returns rank 0's losses."""
+    masks = MaskSampler(stage.mask.tasks, stage.mask.keep)
+    batches = train_batches(cfg, stage, store, rank, world, start_step)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tokens = tokens_per_sample(engine.module, stage)
+    samples_per_step = stage.micro_batch * stage.grad_accum * world
+    progress = _Progress(rank == 0, stage, start_step)
+    losses: dict[int, float] = {}
+    engine.train()
+    tick, last_logged = time.perf_counter(), start_step
+    for step in range(start_step, stage.steps):
+        fault_point(f"step:{step}")
+        gen = step_generator(cfg.seed, rank, step)
+        total = torch.zeros((), device=device)
+        for _ in range(stage.grad_accum):
+            video = next(batches).to(device=device, dtype=dtype, non_blocking=True)
+            mask = masks.sample(video.shape[0], video.shape[1], generator=gen).to(device)
+            kwargs = {"generator": gen} if stage.kind != "autoencoder" else {}
+            if stage.kind not in ("autoencoder", "mar") and stage.generator_attention:
+                kwargs["attention"] = stage.generator_attention
+            loss = engine(video, mask, kind=stage.kind, **kwargs)["loss"]
+            engine.backward(loss)
+            engine.step()
+            total += loss.detach().float() / stage.grad_accum
+        dist.all_reduce(total)
+        mean_loss = total.item() / world
+        if not math.isfinite(mean_loss):
+            raise NonFiniteLossError(
+                f"stage {stage.name!r}: non-finite loss {mean_loss} at step {step + 1}; lower "
+                f"stages.{stage.name}.optimizer.lr or check the data (last good checkpoint: {ckpt.latest()})"
+            )
+        done = step + 1
+        losses[done] = mean_loss
+        if rank == 0 and (
+            done % stage.log_every == 0 or done == stage.steps or done == start_step + 1
+        ):
+            now = time.perf_counter()
+            seconds = (now - tick) / (done - last_logged)  # per step since the last log line
+            tick, last_logged = now, done
+            grad_norm = engine.get_global_grad_norm()
+            metrics = {
+                "loss": mean_loss,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "samples_per_s": samples_per_step / seconds,
+                "tokens_per_s": samples_per_step * tokens / seconds,
+                "peak_memory_mb": peak_memory_mb(device),
+            }
+            tracker.metrics(metrics, step=done)
+        progress.update(done, mean_loss)
+        if done % stage.checkpoint_every == 0 or done == stage.steps:
+            ckpt.save(
+                engine, done, {"step": done, "mlflow_run_id": tracker.run_id if rank == 0 else None}
+            )
+    progress.close()
+    return losses
+
+
+def _gather_state(engine, rank: int) -> dict[str, torch.Tensor]:
+    """Full fp32 weights on rank 0 (gathered module by module to bound memory)."""
+    import deepspeed
+
+    state: dict[str, torch.Tensor] = {}
+    for name, module in engine.module.named_modules():
+        own = list(module.parameters(recurse=False))
+        with deepspeed.zero.GatheredParameters(own, modifier_rank=None):
+            if rank == 0:
+                for pname, param in module.named_parameters(recurse=False):
+                    state[f"{name}.{pname}" if name else pname] = (
+                        param.detach().float().cpu().clone()
+                    )
+        if rank == 0:
+            for bname, buf in module.named_buffers(recurse=False):
+                if bname not in getattr(module, "_non_persistent_buffers_set", set()):
+                    state[f"{name}.{bname}" if name else bname] = buf.detach().float().cpu().clone()
+    return state
+
+
+class _Progress:
+    """A rich progress bar on an interactive rank 0; periodic log lines otherwise."""
+
+    def __init__(self, enabled: bool, stage: StageConfig, start: int):
+        self.enabled, self.stage, self.bar = enabled, stage, None
+        if enabled and sys.stderr.isatty():
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn(f"[bold]{stage.name}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TextColumn("loss {task.fields[loss]}"),
+                TimeRemainingColumn(),
+            )
+            self.task = self.bar.add_task(stage.name, total=stage.steps, completed=start, loss="-")
+            self.bar.start()
+
+    def update(self, step: int, loss: float) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, loss=f"{loss:.4f}")
+        elif step % self.stage.log_every == 0 or step == self.stage.steps:
+            log.info("stage %s step %d/%d loss %.5f", self.stage.name, step, self.stage.steps, loss)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()

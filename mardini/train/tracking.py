@@ -1,0 +1,153 @@
+"""MLflow tracking from rank 0: resolved config as params, metrics, artifacts, tags.
+
+Embedded default: ``sqlite:///{store}/mlflow.db`` with artifacts under ``{store}/mlartifacts``
+when the store is local; ``MLFLOW_TRACKING_URI`` points at a server instead. Values of keys
+that look like credentials never become params.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from mardini.storage import store_root
+
+log = logging.getLogger(__name__)
+
+_SECRET = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key)", re.I)
+
+
+def tracking_uri(store: str | None = None) -> str:
+    """``$MLFLOW_TRACKING_URI``, else SQLite under a local store (or ``./.mardini``)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = store_root(store)
+    if "://" in root and not root.startswith("file://"):
+        log.warning(
+            "store %s is remote and MLFLOW_TRACKING_URI is unset: tracking to ./.mardini", root
+        )
+        root = "./.mardini"
+    path = Path(root.removeprefix("file://")).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}/mlflow.db"
+
+
+def ensure_experiment(name: str, store: str | None = None) -> str:
+    """Create (or find) the experiment ``name``; local artifacts live beside the SQLite file."""
+    import mlflow
+
+    uri = tracking_uri(store)
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifacts = None
+    if uri.startswith("sqlite:///"):
+        artifacts = Path(uri.removeprefix("sqlite:///")).parent.joinpath("mlartifacts").as_uri()
+    return mlflow.create_experiment(name, artifact_location=artifacts)
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, str]:
+    """Nested dicts/lists to ``a.b.0.c`` -> str, dropping credential-looking keys."""
+    out: dict[str, str] = {}
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if _SECRET.search(str(key)):
+                continue
+            out.update(flatten(value, f"{prefix}{key}."))
+    elif isinstance(data, list | tuple) and any(isinstance(v, dict | list) for v in data):
+        for i, value in enumerate(data):
+            out.update(flatten(value, f"{prefix}{i}."))
+    else:
+        out[prefix.rstrip(".")] = str(data)[:500]
+    return out
+
+
+def git_commit() -> str:
+    """The source tree's git commit, or ``unknown`` (in a container without .git)."""
+    env = os.environ.get("MARDINI_GIT_COMMIT")
+    if env:
+        return env
+    try:
+        here = Path(__file__).resolve().parent
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+class Tracker:
+    """A run on rank 0; every method is a no-op on other ranks."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.run_id: str | None = None
+
+    def start(
+        self,
+        experiment: str,
+        run_name: str,
+        store: str,
+        tags: dict[str, str],
+        run_id: str | None = None,
+        parent_run_id: str | None = None,
+    ) -> str | None:
+        """Start (or resume, given ``run_id``) the stage's run; nests under ``parent_run_id``."""
+        if not self.enabled:
+            return None
+        import mlflow
+
+        experiment_id = ensure_experiment(experiment, store)
+        if parent_run_id:
+            tags = {**tags, "mlflow.parentRunId": parent_run_id}
+        run = mlflow.start_run(
+            run_id=run_id,
+            experiment_id=None if run_id else experiment_id,
+            run_name=run_name,
+            tags=tags,
+        )
+        self.run_id = run.info.run_id
+        return self.run_id
+
+    def params(self, params: dict[str, Any]) -> None:
+        """Log flattened params (batched; values already logged are skipped on resume)."""
+        if not self.enabled:
+            return
+        import mlflow
+
+        existing = mlflow.get_run(self.run_id).data.params
+        flat = {k: v for k, v in flatten(params).items() if k not in existing}
+        items = list(flat.items())
+        for i in range(0, len(items), 90):
+            mlflow.log_params(dict(items[i : i + 90]))
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        """Log metrics at ``step``."""
+        if self.enabled:
+            import mlflow
+
+            mlflow.log_metrics(values, step=step)
+
+    def artifact(self, path: str | Path, folder: str | None = None) -> None:
+        """Upload a local file as an artifact."""
+        if self.enabled:
+            import mlflow
+
+            mlflow.log_artifact(str(path), artifact_path=folder)
+
+    def end(self, status: str = "FINISHED") -> None:
+        """End the run."""
+        if self.enabled and self.run_id:
+            import mlflow
+
+            mlflow.end_run(status=status)

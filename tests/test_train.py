@@ -1,0 +1,223 @@
+"""The DeepSpeed ZeRO-3 trainer: 2 CPU ranks under torchrun, real shards, SQLite MLflow, moto S3."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from mardini.config import load_config
+from mardini.models import build_model
+from mardini.storage import filesystem, join
+from mardini.train.checkpoint import load_init, read_final, stage_dir
+from tests.conftest import CONFIGS
+
+pytestmark = pytest.mark.slow
+
+STEPS = 6
+
+
+def _config(tmp_path: Path, shards: str, **data) -> Path:
+    """tiny.yaml's curriculum on the debug preset: 6 steps a stage, checkpoints every 2."""
+    raw = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
+    raw["name"] = "trainer-test"
+    raw["model"] = {"preset": "debug"}
+    raw["data"] = {"dataset": "clips", "shards": shards, "shuffle_buffer": 4, **data}
+    for stage in raw["stages"]:
+        stage.update(
+            steps=STEPS,
+            checkpoint_every=2,
+            log_every=1,
+            micro_batch=1,
+            frames=4,
+            resolution=32,
+            gates=[],
+        )
+        stage["optimizer"] = {"lr": 3e-3, "warmup_steps": 0}
+    path = tmp_path / "trainer-test.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _torchrun(config: Path, stage: str, store: str, env: dict | None = None, timeout: int = 300):
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "mardini.train", "--config", str(config), "--stage", stage, "--store", store,
+    ]  # fmt: skip
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("MARDINI_FAULT", None)
+    full_env.update(env or {})
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def _ok(result) -> None:
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+
+
+def _run(tracking_uri: str, stage: str):
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs(
+        [client.get_experiment_by_name("trainer-test").experiment_id],
+        filter_string=f"tags.stage = '{stage}'",
+    )
+    assert len(runs) == 1, f"expected one MLflow run for {stage}, found {len(runs)}"
+    return client, runs[0]
+
+
+def _losses(tracking_uri: str, stage: str) -> dict[int, float]:
+    client, run = _run(tracking_uri, stage)
+    # A resumed run logs the re-done steps again; the last value of each step is what counts.
+    return {
+        m.step: m.value
+        for m in sorted(
+            client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.timestamp
+        )
+    }
+
+
+@pytest.fixture(scope="module")
+def curriculum(tmp_path_factory, train_shards):
+    """All three model stage kinds trained once, in order, on a local store."""
+    tmp = tmp_path_factory.mktemp("curriculum")
+    config = _config(tmp, train_shards, overfit_batch=True)
+    store = str(tmp / "store")
+    results = {}
+    for stage in ("mar", "dm", "joint-interpolation"):
+        results[stage] = _torchrun(config, stage, store)
+        _ok(results[stage])
+    return {"config": config, "store": store, "uri": f"sqlite:///{Path(store).resolve()}/mlflow.db"}
+
+
+@pytest.mark.parametrize("stage", ["mar", "dm", "joint-interpolation"])
+def test_each_stage_kind_trains_and_exports(curriculum, stage):
+    losses = _losses(curriculum["uri"], stage)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    assert losses[STEPS] < losses[1], f"{stage}: loss did not fall on a repeated batch: {losses}"
+    state, meta = read_final(join(stage_dir(curriculum["store"], "trainer-test", stage), "final"))
+    assert meta["stage"] == stage and meta["steps"] == STEPS
+    assert any(k.startswith("generator.") for k in state) and any(
+        k.startswith("planner.") for k in state
+    )
+
+
+def test_joint_starts_from_the_mar_and_dm_finals(curriculum):
+    cfg = load_config(curriculum["config"])
+    mar, _ = read_final(join(stage_dir(curriculum["store"], cfg.name, "mar"), "final"))
+    dm, _ = read_final(join(stage_dir(curriculum["store"], cfg.name, "dm"), "final"))
+    model = build_model(cfg.model)
+    loaded = load_init(
+        model, cfg.stage("joint-interpolation").init_from, curriculum["store"], cfg.name
+    )
+    assert loaded == ["mar: planner, planner_head", "dm: generator"]
+    own = model.state_dict()
+    for key, value in own.items():
+        part = key.split(".", 1)[0]
+        if part in ("planner", "planner_head"):
+            assert torch.equal(value, mar[key]), key
+        elif part == "generator":
+            assert torch.equal(value, dm[key]), key
+    # mar never trained the generator, dm never trained the planner: those copies differ.
+    assert not torch.equal(mar["generator.patch_embed.weight"], dm["generator.patch_embed.weight"])
+
+
+def test_mlflow_run_holds_params_metrics_artifacts(curriculum):
+    client, run = _run(curriculum["uri"], "dm")
+    params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+    assert params["stage.kind"] == "dm" and params["stage.steps"] == str(STEPS)
+    assert params["model.generator.depth"] == "2" and params["world_size"] == "2"
+    assert {"loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "peak_memory_mb"} <= set(
+        metrics
+    )
+    assert tags["curriculum"] == "trainer-test" and tags["stage"] == "dm" and tags["git_commit"]
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "config")]
+    assert "config/resolved_config.yaml" in artifacts and "config/trainer-test.yaml" in artifacts
+
+
+def test_secrets_never_become_params():
+    from mardini.train.tracking import flatten
+
+    flat = flatten({"data": {"aws_secret_access_key": "x", "token": "y", "shards": "s3://b"}})
+    assert flat == {"data.shards": "s3://b"}
+
+
+# ----------------------------------------------------------------------------- crash and resume
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, train_shards):
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    config = _config(tmp, train_shards)
+    store = str(tmp / "store")
+    _ok(_torchrun(config, "dm", store))
+    return _losses(f"sqlite:///{Path(store).resolve()}/mlflow.db", "dm")
+
+
+def test_killed_rank_resumes_from_latest_and_matches(tmp_path, train_shards, uninterrupted):
+    config = _config(tmp_path, train_shards)
+    store = str(tmp_path / "store")
+    # Rank 1 is SIGKILLed as step 4 starts: step-2 is the last complete checkpoint.
+    killed = _torchrun(config, "dm", store, env={"MARDINI_FAULT": "step:3:1"})
+    assert killed.returncode != 0
+    ckpts = Path(stage_dir(store, "trainer-test", "dm")) / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step-2"
+    resumed = _torchrun(config, "dm", store)
+    _ok(resumed)
+    assert "from step-2 at step 2" in resumed.stderr + resumed.stdout
+    losses = _losses(f"sqlite:///{Path(store).resolve()}/mlflow.db", "dm")
+    # Bit-exact on CPU: same data position, same per-step RNG, restored optimizer and LR state.
+    assert losses == uninterrupted
+
+
+def test_torn_checkpoint_keeps_latest_on_the_previous_one(tmp_path, train_shards, uninterrupted):
+    config = _config(tmp_path, train_shards)
+    store = str(tmp_path / "store")
+    # Rank 1 uploads its step-4 files and dies before the commit: step-4 is torn.
+    torn = _torchrun(config, "dm", store, env={"MARDINI_FAULT": "after-upload:step-4:1"})
+    assert torn.returncode != 0
+    ckpts = Path(stage_dir(store, "trainer-test", "dm")) / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step-2"
+    assert any((ckpts / "step-4").iterdir())  # some rank files did land
+    resumed = _torchrun(config, "dm", store)
+    _ok(resumed)
+    assert "from step-2 at step 2" in resumed.stderr + resumed.stdout
+    assert _losses(f"sqlite:///{Path(store).resolve()}/mlflow.db", "dm") == uninterrupted
+
+
+def test_checkpoints_and_final_on_s3(tmp_path, train_shards, s3_bucket):
+    config = _config(tmp_path, train_shards)
+    store = f"{s3_bucket}/mardini"
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    _ok(_torchrun(config, "dm", store, env={"MLFLOW_TRACKING_URI": uri}))
+    fs, root = filesystem(stage_dir(store, "trainer-test", "dm"))
+    assert fs.cat_file(f"{root}/checkpoints/latest").decode() == f"step-{STEPS}"
+    kept = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/checkpoints") if "step-" in p)
+    assert kept == ["step-4", "step-6"]  # keep_checkpoints = 2
+    state, meta = read_final(f"{store}/runs/trainer-test/dm/final")
+    assert meta["trained_parts"] == ["generator"] and "generator.final.weight" in state
+    assert len(_losses(uri, "dm")) == STEPS
+
+
+def test_outside_torchrun_the_error_says_how_to_launch():
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mardini.train",
+            "--config",
+            str(CONFIGS / "tiny.yaml"),
+            "--stage",
+            "mar",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if k != "RANK"},
+    )
+    assert result.returncode != 0 and "torchrun --nproc-per-node" in result.stderr
