@@ -76,6 +76,42 @@ def demo(
 
 
 @app.command()
+def train(
+    config: Path = typer.Option(..., help="Curriculum YAML, e.g. configs/tiny.yaml."),
+    stage: str = typer.Option(..., help="Stage name in the curriculum."),
+    nproc: int = typer.Option(2, help="Processes (ranks) on this machine."),
+    override: list[str] = typer.Option(
+        [], "--override", "-o", help="Dotted key=value, repeatable."
+    ),
+    store: str = typer.Option(None, help="fsspec root (default $MARDINI_STORE or ./.mardini)."),
+) -> None:
+    """Train one stage on this machine: torchrun with NPROC ranks (CPU: gloo, DS_ACCELERATOR=cpu)."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+    ]
+    cmd += ["-m", "mardini.train", "--config", str(config), "--stage", stage]
+    for item in override:
+        cmd += ["--override", item]
+    if store:
+        cmd += ["--store", store]
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    console.print(f"[dim]{' '.join(cmd)}[/dim]")
+    raise typer.Exit(subprocess.call(cmd, env=env))
+
+
+@app.command()
 def presets() -> None:
     """Print each model preset's parameter counts (built on the meta device, no memory used)."""
     import torch

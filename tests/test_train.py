@@ -194,7 +194,24 @@ def test_checkpoints_and_final_on_s3(tmp_path, train_shards, s3_bucket):
     config = _config(tmp_path, train_shards)
     store = f"{s3_bucket}/mardini"
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    _ok(_torchrun(config, "dm", store, env={"MLFLOW_TRACKING_URI": uri}))
+    # Through the user-facing command this time: `mardini train` wraps torchrun.
+    cmd = [
+        sys.executable,
+        "-m",
+        "mardini.cli",
+        "train",
+        "--config",
+        str(config),
+        "--stage",
+        "dm",
+        "--nproc",
+        "2",
+        "--store",
+        store,
+    ]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MLFLOW_TRACKING_URI": uri}
+    env.pop("MARDINI_FAULT", None)
+    _ok(subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env))
     fs, root = filesystem(stage_dir(store, "trainer-test", "dm"))
     assert fs.cat_file(f"{root}/checkpoints/latest").decode() == f"step-{STEPS}"
     kept = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/checkpoints") if "step-" in p)
