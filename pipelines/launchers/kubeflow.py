@@ -58,6 +58,7 @@ from kubernetes.client import (
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mardini.config import CurriculumConfig
+from pipelines.launchers.contract import contract_words
 
 API_VERSION = "kubeflow.org/v1"
 KIND = "PyTorchJob"
@@ -72,12 +73,6 @@ LABEL_PREFIX = "mardini.io"
 ENV_PREFIX = "MARDINI_K8S_"
 # The repository root when running from a checkout; the image copies it to /workspace.
 CHECKOUT = Path(__file__).resolve().parents[2]
-
-LAUNCH_CONTRACT = (
-    "torchrun --nnodes $PET_NNODES --nproc-per-node $PET_NPROC_PER_NODE "
-    "--node-rank $PET_NODE_RANK --master-addr $PET_MASTER_ADDR --master-port $PET_MASTER_PORT "
-    "-m mardini.train --config {config} --stage {stage}"
-)
 
 
 def _package_version() -> str:
@@ -228,7 +223,7 @@ def job_labels(cfg: CurriculumConfig, stage: str, run_id: str | None) -> dict[st
 
 def launch_command(config_path: str, stage: str) -> list[str]:
     """The launch contract as an exec-form command with Kubernetes ``$(VAR)`` references."""
-    words = LAUNCH_CONTRACT.format(config=config_path, stage=stage).split()
+    words = contract_words(config_path, stage)
     return [re.sub(r"^\$(PET_[A-Z_]+)$", r"$(\1)", w) for w in words]
 
 

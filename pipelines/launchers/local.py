@@ -1,0 +1,180 @@
+"""Run a stage on this machine exactly as the Kubeflow operator would run it in a cluster.
+
+``nnodes`` "nodes" are started as local processes, each running the launch contract's command
+with the variables the training operator sets on a replica (``PET_*``, ``MASTER_ADDR``,
+``MASTER_PORT``, ``WORLD_SIZE``, ``RANK``). Their output is streamed to the log with a node
+prefix; when one node fails, every other node's process group is torn down, and the error
+carries the failing node's last log lines.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines.launchers.contract import contract_words
+
+log = logging.getLogger(__name__)
+
+TAIL_LINES = 40
+
+
+class LaunchError(RuntimeError):
+    """A training job failed; the message names the node/rank and holds its last log lines."""
+
+    def __init__(self, message: str, tail: list[str]):
+        super().__init__(message + ("\n--- last log lines ---\n" + "\n".join(tail) if tail else ""))
+        self.tail = tail
+
+
+@dataclass
+class LocalResult:
+    """A finished local job."""
+
+    seconds: float
+    logs: list[str]
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for the rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def operator_env(nnodes: int, nproc: int, node_rank: int, port: int) -> dict[str, str]:
+    """The variables the Kubeflow training operator sets on replica ``node_rank``."""
+    return {
+        "PET_NNODES": str(nnodes),
+        "PET_NPROC_PER_NODE": str(nproc),
+        "PET_NODE_RANK": str(node_rank),
+        "PET_MASTER_ADDR": "127.0.0.1",
+        "PET_MASTER_PORT": str(port),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "WORLD_SIZE": str(nnodes),
+        "RANK": str(node_rank),
+    }
+
+
+def node_command(config_path: str, stage: str, env: dict[str, str]) -> list[str]:
+    """The contract's words with ``$PET_*`` expanded and ``torchrun`` resolved in this venv."""
+    words = [env[w[1:]] if w.startswith("$") else w for w in contract_words(config_path, stage)]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    words[0] = str(torchrun) if torchrun.exists() else words[0]
+    return words
+
+
+def run_local(
+    config_path: str,
+    stage: str,
+    *,
+    nnodes: int = 1,
+    nproc_per_node: int = 2,
+    env: dict[str, str] | None = None,
+    timeout_s: float | None = None,
+    cwd: str | None = None,
+) -> LocalResult:
+    """Run the stage's job to completion; raise ``LaunchError`` with the failing node's log tail."""
+    port = free_port()
+    base = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    if not _has_cuda():
+        base.setdefault("DS_ACCELERATOR", "cpu")
+    procs: list[subprocess.Popen] = []
+    tails: list[collections.deque] = []
+    logs: list[str] = []
+    lock = threading.Lock()
+
+    def pump(node: int, proc: subprocess.Popen, tail: collections.deque) -> None:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            line = line.rstrip()
+            tail.append(line)
+            with lock:
+                logs.append(f"[node {node}] {line}")
+            log.info("[%s node %d] %s", stage, node, line)
+
+    start = time.monotonic()
+    try:
+        for node in range(nnodes):
+            node_env = {**base, **operator_env(nnodes, nproc_per_node, node, port)}
+            cmd = node_command(config_path, stage, node_env)
+            log.info("launching %s node %d/%d: %s", stage, node, nnodes, " ".join(cmd))
+            proc = subprocess.Popen(
+                cmd, env=node_env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                text=True, start_new_session=True,  # its own process group: we can kill all ranks
+            )  # fmt: skip
+            tail: collections.deque = collections.deque(maxlen=TAIL_LINES)
+            threading.Thread(target=pump, args=(node, proc, tail), daemon=True).start()
+            procs.append(proc)
+            tails.append(tail)
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                node = failed[0]
+                _teardown(procs)
+                time.sleep(0.2)  # let the pump threads drain the last lines
+                raise LaunchError(
+                    f"stage {stage!r}: node {node} exited with code {codes[node]}"
+                    + _failing_rank(tails[node]),
+                    list(tails[node]),
+                )
+            if all(c == 0 for c in codes):
+                return LocalResult(time.monotonic() - start, logs)
+            if timeout_s is not None and time.monotonic() - start > timeout_s:
+                _teardown(procs)
+                raise LaunchError(
+                    f"stage {stage!r}: timed out after {timeout_s:.0f} s", list(tails[0])
+                )
+            time.sleep(0.2)
+    except BaseException:
+        _teardown(procs)  # cancellation (KeyboardInterrupt, Prefect cancel) too: no orphans
+        raise
+
+
+def _failing_rank(tail: collections.deque) -> str:
+    """torchrun's summary names the first failed rank; surface it in the message."""
+    for line in tail:
+        if "rank" in line and ("local_rank" in line or "Root Cause" in line):
+            return f" ({line.strip()})"
+    return ""
+
+
+def _teardown(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
+    """SIGTERM every node's process group, then SIGKILL what is left after ``grace_s``."""
+    for proc in procs:
+        if proc.poll() is None:
+            _signal_group(proc, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        _signal_group(proc, signal.SIGKILL)  # the group may outlive its leader
+        proc.wait()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False

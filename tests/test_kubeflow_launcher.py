@@ -1,0 +1,124 @@
+"""The Kubeflow launcher up to the cluster boundary: a stand-in for TrainingClient (no cluster
+exists here) records what the launcher asks of the API; everything on our side is real."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from mardini.config import load_config
+from pipelines.launchers.kubeflow_run import run_pytorchjob
+from pipelines.launchers.local import LaunchError
+from tests.conftest import CONFIGS
+
+
+def _job(*conditions: tuple[str, str]):
+    return SimpleNamespace(
+        status=SimpleNamespace(
+            conditions=[SimpleNamespace(type=t, status=s) for t, s in conditions]
+        )
+    )
+
+
+def _pod(name: str, phase: str, reason: str | None = None):
+    return SimpleNamespace(
+        metadata=SimpleNamespace(name=name),
+        status=SimpleNamespace(phase=phase, reason=reason, message="node low on memory"),
+    )
+
+
+class FakeTrainingClient:
+    """The TrainingClient methods the launcher uses, answering from scripted cluster states."""
+
+    def __init__(self, states, pods=None, interrupt_after: int | None = None):
+        self.states, self.pods = list(states), pods or []
+        self.created, self.deleted, self.polls = [], [], 0
+        self.interrupt_after = interrupt_after
+
+    def create_job(self, job, namespace):
+        self.created.append((job, namespace))
+
+    def get_job(self, name, namespace, job_kind):
+        self.polls += 1
+        if self.interrupt_after is not None and self.polls > self.interrupt_after:
+            raise KeyboardInterrupt  # the flow run was cancelled mid-wait
+        return self.states.pop(0) if len(self.states) > 1 else self.states[0]
+
+    def get_job_pods(self, name, namespace):
+        return self.pods
+
+    def get_job_logs(self, name, namespace, is_master):
+        return {
+            f"{name}-master-0": "step 1\nTraceback\nRuntimeError: CUDA out of memory",
+            f"{name}-worker-0": "ok",
+        }, {}
+
+    def delete_job(self, name, namespace, job_kind):
+        self.deleted.append(name)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(CONFIGS / "paper.yaml")
+
+
+def test_success_submits_the_built_job_and_keeps_it(cfg):
+    client = FakeTrainingClient(
+        [_job(("Created", "True")), _job(("Running", "True")), _job(("Succeeded", "True"))]
+    )
+    run_pytorchjob(
+        cfg,
+        "mar",
+        nnodes=2,
+        nproc_per_node=8,
+        image="reg/mardini:1",
+        run_id="abc",
+        client=client,
+        poll_s=0,
+    )
+    ((job, namespace),) = client.created
+    assert job.kind == "PyTorchJob" and namespace == job.metadata.namespace
+    assert job.spec.pytorch_replica_specs["Worker"].replicas == 1
+    assert (
+        job.spec.pytorch_replica_specs["Master"].template.spec.containers[0].image
+        == "reg/mardini:1"
+    )
+    assert job.metadata.labels["mardini.io/mlflow-run-id"] == "abc"
+    assert client.deleted == []
+
+
+def test_failure_raises_with_the_master_log_tail(cfg):
+    client = FakeTrainingClient([_job(("Running", "True")), _job(("Failed", "True"))])
+    with pytest.raises(LaunchError, match="failed") as err:
+        run_pytorchjob(cfg, "mar", client=client, poll_s=0)
+    assert "CUDA out of memory" in str(err.value)
+    assert str(err.value).index("master-0") < str(err.value).index("worker-0")
+    assert client.deleted == []  # a failed job stays for `kubectl describe`; it holds no GPUs
+
+
+def test_evicted_pod_fails_and_deletes_the_job(cfg):
+    client = FakeTrainingClient(
+        [_job(("Running", "True"))], pods=[_pod("p-master-0", "Failed", "Evicted")]
+    )
+    with pytest.raises(LaunchError, match="evicted"):
+        run_pytorchjob(cfg, "mar", client=client, poll_s=0)
+    assert client.deleted == ["paper-mar"]
+
+
+def test_stuck_pending_and_timeout_delete_the_job(cfg):
+    client = FakeTrainingClient([_job(("Created", "True"))], pods=[_pod("p-master-0", "Pending")])
+    with pytest.raises(LaunchError, match="Pending"):
+        run_pytorchjob(cfg, "mar", client=client, poll_s=0.01, pending_grace_s=0.05)
+    assert client.deleted == ["paper-mar"]
+    client = FakeTrainingClient([_job(("Running", "True"))])
+    with pytest.raises(LaunchError, match="timed out"):
+        run_pytorchjob(cfg, "mar", client=client, poll_s=0.01, timeout_s=0.05)
+    assert client.deleted == ["paper-mar"]
+
+
+def test_cancellation_deletes_the_job(cfg):
+    client = FakeTrainingClient([_job(("Running", "True"))], interrupt_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_pytorchjob(cfg, "mar", client=client, poll_s=0)
+    assert client.deleted == ["paper-mar"]
