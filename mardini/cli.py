@@ -10,9 +10,11 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from data_prep.cli import app as prep_app
 from pipelines.k8s_cli import app as k8s_app
 
 app = typer.Typer(help="MarDini: masked autoregressive diffusion for video.", no_args_is_help=True)
+app.add_typer(prep_app, name="prep", help="Shard raw videos into WebDataset shards (python -m data_prep).")
 app.add_typer(k8s_app, name="k8s", help="Kubernetes: render the PyTorchJob of a stage.")
 console = Console()
 
@@ -130,6 +132,322 @@ def presets() -> None:
             ),
         )
     console.print(table)
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def _tracking(store: str | None) -> str:
+    from mardini.train.tracking import tracking_uri
+
+    return tracking_uri(store)
+
+
+@app.command("eval")
+def eval_(
+    checkpoint: str = typer.Option(
+        None,
+        "--checkpoint",
+        "-c",
+        help="final/ dir or URL, a stage dir, or models:/name@alias "
+        "[default with --config/--stage: that stage's final/ in the store].",
+    ),
+    data: str = typer.Option(
+        None, help="Shard root holding the val split [default: the config's data]."
+    ),
+    config: Path = typer.Option(None, help="Curriculum YAML: stage settings and gates."),
+    stage: str = typer.Option(None, help="Stage of --config to evaluate as (applies its gates)."),
+    override: list[str] = typer.Option(
+        [], "--override", "-o", help="Dotted key=value for --config, repeatable."
+    ),
+    out: Path = typer.Option(Path("out/eval"), help="Directory for eval.json and samples/."),
+    frames: int = typer.Option(None, help="Frames per clip [stage's, else 8]."),
+    resolution: int = typer.Option(None, help="Clip side in pixels [stage's, else 32]."),
+    fps: float = typer.Option(None, help="Clip frame rate [stage's, else 8]."),
+    max_clips: int = typer.Option(32, help="Evaluate at most this many held-out clips."),
+    batch: int = typer.Option(4, help="Clips per batch."),
+    steps: int = typer.Option(None, help="Denoising steps [config's sample.steps, else 25]."),
+    cfg_scale: float = typer.Option(None, help="Guidance scale for image-to-video [1.0]."),
+    seed: int = typer.Option(None, help="Seed of the noise [config's, else 0]."),
+    i3d: str = typer.Option(
+        None, help="I3D TorchScript file for FVD [$MARDINI_I3D]; without it FVD is skipped."
+    ),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    store: str = typer.Option(None, help="fsspec root (default $MARDINI_STORE or ./.mardini)."),
+    mlflow: bool = typer.Option(True, help="Log metrics and samples to MLflow."),
+    run_id: str = typer.Option(None, help="Log into this MLflow run instead of a new one."),
+) -> None:
+    """Evaluate a checkpoint on held-out clips: loss, PSNR/SSIM vs baselines, FVD, gates."""
+    from mardini.config import load_config
+    from mardini.eval import check_gates, run_evaluation
+    from mardini.storage import join, store_root
+    from mardini.train.checkpoint import stage_dir
+
+    settings = {
+        "frames": frames,
+        "resolution": resolution,
+        "fps": fps,
+        "max_clips": max_clips,
+        "batch": batch,
+        "steps": steps,
+        "cfg_scale": cfg_scale,
+        "seed": seed,
+        "i3d": i3d,
+        "device": device,
+    }
+    gates = []
+    if (config is None) != (stage is None):
+        raise typer.BadParameter("give --config and --stage together")
+    if config is not None:
+        cfg = load_config(config, override)
+        st = cfg.stage(stage)
+        gates = st.gates
+        data = data or cfg.data.shards or join(store_root(store), "shards", cfg.data.dataset)
+        checkpoint = checkpoint or join(stage_dir(store_root(store), cfg.name, stage), "final")
+        for key, value in {
+            "frames": st.frames,
+            "resolution": st.resolution,
+            "fps": st.fps,
+            "split": cfg.data.val_split,
+            "steps": cfg.sample.steps,
+            "solver": cfg.sample.solver,
+            "cfg_scale": cfg.sample.cfg_scale,
+            "seed": cfg.seed,
+        }.items():
+            if settings.get(key) is None:
+                settings[key] = value
+    if checkpoint is None or data is None:
+        raise typer.BadParameter("give --checkpoint and --data (or --config and --stage)")
+    with console.status(f"evaluating {checkpoint} on {data}"):
+        result = run_evaluation(
+            checkpoint,
+            data,
+            out_dir=out,
+            tracking_uri=_tracking(store),
+            mlflow_log=mlflow,
+            run_id=run_id,
+            **settings,
+        )
+    _print_eval(result)
+    console.print(f"results: {out / 'eval.json'}   samples: {out / 'samples'}")
+    if mlflow:
+        console.print(f"MLflow run: {result.settings.get('mlflow_run_id')} ({_tracking(store)})")
+    if config is not None:
+        report = check_gates(gates, result.results(), stage=stage)
+        console.print(report.summary())
+        if not report.passed:
+            raise typer.Exit(1)
+
+
+def _print_eval(result) -> None:
+    """Metrics next to their baselines, and what was not computed."""
+    m = result.metrics
+    table = Table(
+        "metric", "model", "nearest", "blend", title=f"{result.stage} ({result.kind})", min_width=50
+    )
+    for name, value in m.items():
+        if name.startswith("baseline_"):
+            continue
+        near, blend = m.get(f"baseline_nearest_{name}"), m.get(f"baseline_blend_{name}")
+        table.add_row(
+            name,
+            f"{value:.4f}",
+            "" if near is None else f"{near:.4f}",
+            "" if blend is None else f"{blend:.4f}",
+        )
+    console.print(table)
+    for name, why in result.unavailable.items():
+        if why.startswith("not configured"):
+            console.print(f"[yellow]{name}[/yellow]: {why}")
+    console.print(f"{result.clips} held-out clips")
+
+
+# ----------------------------------------------------------------------------- generate
+
+generate_app = typer.Typer(
+    help="Generate video from a checkpoint (local final/ or models:/name@alias).",
+    no_args_is_help=True,
+)
+app.add_typer(generate_app, name="generate")
+
+CHECKPOINT = typer.Option(
+    ..., "--checkpoint", "-c", help="final/ dir or URL, a stage dir, or models:/name@alias."
+)
+OUT = typer.Option(None, "--out", "-o", help="Output mp4 [out/<task>.mp4].")
+GIF = typer.Option(False, help="Also write a GIF next to the mp4.")
+LOSSLESS = typer.Option(False, help="Lossless RGB mp4 (exact pixels; fewer players).")
+SIZE = typer.Option(None, help="Frame side in pixels [the stage's, else 32].")
+STEPS = typer.Option(25, help="Denoising steps.")
+SOLVER = typer.Option("euler", help="euler or heun.")
+CFG = typer.Option(1.0, help="Guidance scale (image-to-video and expansion; paper: 2.5).")
+SEED = typer.Option(0, help="Seed of the noise.")
+FPS = typer.Option(None, help="Output frame rate [the stage's, else 8].")
+DEVICE = typer.Option("cpu", help="cpu or cuda.")
+STORE = typer.Option(None, help="fsspec root, for the MLflow registry of models:/ URIs.")
+
+
+def _generate(task: str, checkpoint: str, out, store, device, run, **opts) -> None:
+    """Load, run ``run(model, size, fps, sample_options, progress)`` under a bar, save."""
+    import time
+
+    from mardini import generate as g
+
+    with console.status(f"loading {checkpoint}"):
+        model, meta = g.load_model(checkpoint, device=device, tracking_uri=_tracking(store))
+    sample = g.SampleOptions(
+        steps=opts["steps"],
+        solver=opts["solver"],
+        cfg_scale=opts["cfg_scale"],
+        seed=opts["seed"],
+        kind=g.sample_kind(meta),
+    )
+    size = opts["size"] or g.stage_setting(meta, "resolution", g.DEFAULT_RESOLUTION)
+    fps = opts["fps"] or g.stage_setting(meta, "fps", g.DEFAULT_FPS)
+    with Progress(
+        TextColumn(f"{task}: denoising"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} steps"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        bar = progress.add_task(task, total=None)
+        start = time.perf_counter()
+        video, generated = run(
+            model,
+            size,
+            fps,
+            sample,
+            lambda done, total: progress.update(bar, completed=done, total=total),
+        )
+        seconds = time.perf_counter() - start
+    paths = g.save_video(
+        video, out or Path("out") / f"{task}.mp4", fps, opts["gif"], opts["lossless"]
+    )
+    console.print(
+        f"{video.shape[0]} frames ({generated} generated) at {size}x{size} in {seconds:.1f} s "
+        f"({seconds / max(1, generated):.3f} s per generated frame)"
+    )
+    for path in paths:
+        console.print(f"wrote {path}")
+
+
+@generate_app.command("interpolate")
+def generate_interpolate(
+    first: Path = typer.Option(..., help="First frame (image file)."),
+    last: Path = typer.Option(..., help="Last frame (image file)."),
+    frames: int = typer.Option(..., help="Total frames, first and last included."),
+    checkpoint: str = CHECKPOINT,
+    out: Path = OUT,
+    gif: bool = GIF,
+    lossless: bool = LOSSLESS,
+    size: int = SIZE,
+    steps: int = STEPS,
+    solver: str = SOLVER,
+    cfg_scale: float = CFG,
+    seed: int = SEED,
+    fps: float = FPS,
+    device: str = DEVICE,
+    store: str = STORE,
+) -> None:
+    """Interpolate between two images: FRAMES frames, the given two kept exactly."""
+    from mardini import generate as g
+
+    def run(model, size, fps, opts, progress):
+        a, b = g.read_image(first, size), g.read_image(last, size)
+        return g.interpolate(model, a, b, frames, opts, progress), frames - 2
+
+    _generate("interpolate", checkpoint, out, store, device, run, **_opts(locals()))
+
+
+@generate_app.command("i2v")
+def generate_i2v(
+    image: Path = typer.Option(..., help="First frame (image file)."),
+    frames: int = typer.Option(..., help="Total frames, the image included."),
+    checkpoint: str = CHECKPOINT,
+    out: Path = OUT,
+    gif: bool = GIF,
+    lossless: bool = LOSSLESS,
+    size: int = SIZE,
+    steps: int = STEPS,
+    solver: str = SOLVER,
+    cfg_scale: float = CFG,
+    seed: int = SEED,
+    fps: float = FPS,
+    device: str = DEVICE,
+    store: str = STORE,
+) -> None:
+    """Image-to-video: FRAMES frames starting with the image (kept exactly)."""
+    from mardini import generate as g
+
+    def run(model, size, fps, opts, progress):
+        start = g.read_image(image, size)
+        return g.image_to_video(model, start, frames, opts, progress), frames - 1
+
+    _generate("i2v", checkpoint, out, store, device, run, **_opts(locals()))
+
+
+@generate_app.command("expand")
+def generate_expand(
+    video: Path = typer.Option(..., help="Video to continue (all its frames are kept)."),
+    add: int = typer.Option(..., help="Frames to add after it."),
+    window: int = typer.Option(
+        None, help="Frames the model sees per call [all]; longer results grow autoregressively."
+    ),
+    checkpoint: str = CHECKPOINT,
+    out: Path = OUT,
+    gif: bool = GIF,
+    lossless: bool = LOSSLESS,
+    size: int = SIZE,
+    steps: int = STEPS,
+    solver: str = SOLVER,
+    cfg_scale: float = CFG,
+    seed: int = SEED,
+    fps: float = FPS,
+    device: str = DEVICE,
+    store: str = STORE,
+) -> None:
+    """Video expansion: the video's frames, then ADD generated ones."""
+    from mardini import generate as g
+
+    def run(model, size, fps, opts, progress):
+        clip = g.read_clip(video, size, fps)  # resampled to the output frame rate
+        return g.expand(model, clip, add, window, opts, progress), add
+
+    _generate("expand", checkpoint, out, store, device, run, **_opts(locals()))
+
+
+@generate_app.command("long")
+def generate_long(
+    image: Path = typer.Option(..., help="First frame (image file)."),
+    window: int = typer.Option(..., help="Frames the model sees per call (paper: 32)."),
+    total: int = typer.Option(..., help="Frames of the result (paper: 128)."),
+    checkpoint: str = CHECKPOINT,
+    out: Path = OUT,
+    gif: bool = GIF,
+    lossless: bool = LOSSLESS,
+    size: int = SIZE,
+    steps: int = STEPS,
+    solver: str = SOLVER,
+    cfg_scale: float = CFG,
+    seed: int = SEED,
+    fps: float = FPS,
+    device: str = DEVICE,
+    store: str = STORE,
+) -> None:
+    """Long video from one image: keyframes by image-to-video, then recursive interpolation."""
+    from mardini import generate as g
+
+    def run(model, size, fps, opts, progress):
+        start = g.read_image(image, size)
+        return g.long_video(model, start, window, total, opts, progress), total - 1
+
+    _generate("long", checkpoint, out, store, device, run, **_opts(locals()))
+
+
+def _opts(args: dict) -> dict:
+    """The shared generation options out of a command's arguments."""
+    keys = ("gif", "lossless", "size", "steps", "solver", "cfg_scale", "seed", "fps")
+    return {k: args[k] for k in keys}
 
 
 if __name__ == "__main__":
