@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test lint format clean serve
 
 install: $(STAMP)
 
@@ -32,3 +32,12 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache out
+
+# A local Prefect server (UI on http://127.0.0.1:4200) serving the local deployments; in another
+# shell: PREFECT_API_URL=http://127.0.0.1:4200/api .venv/bin/prefect deployment run train-curriculum/local
+PREFECT_PORT ?= 4200
+serve: $(STAMP)
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) & server=$$!; \
+	trap "kill $$server" EXIT INT TERM; \
+	until $(BIN)/python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$(PREFECT_PORT)/api/health')" 2>/dev/null; do sleep 1; done; \
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/python -m pipelines.serve

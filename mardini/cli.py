@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import typer
@@ -14,7 +15,9 @@ from data_prep.cli import app as prep_app
 from pipelines.k8s_cli import app as k8s_app
 
 app = typer.Typer(help="MarDini: masked autoregressive diffusion for video.", no_args_is_help=True)
-app.add_typer(prep_app, name="prep", help="Shard raw videos into WebDataset shards (python -m data_prep).")
+app.add_typer(
+    prep_app, name="prep", help="Shard raw videos into WebDataset shards (python -m data_prep)."
+)
 app.add_typer(k8s_app, name="k8s", help="Kubernetes: render the PyTorchJob of a stage.")
 console = Console()
 
@@ -33,14 +36,23 @@ def main(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("out/demo"), help="Directory for the generated videos."),
-    preset: str = typer.Option("tiny", help="Model preset."),
+    quick: bool = typer.Option(
+        False, "--quick", help="Skip the workflow: fit one clip in this process (a minute or two)."
+    ),
+    config: str = typer.Option("configs/tiny.yaml", help="Curriculum for the workflow demo."),
+    store: str = typer.Option(None, help="fsspec root (default $MARDINI_STORE or ./.mardini)."),
+    preset: str = typer.Option("tiny", help="Model preset (--quick)."),
     steps: int = typer.Option(600, help="Training steps on the clip."),
     sample_steps: int = typer.Option(25, help="Denoising steps for the interpolation."),
     frames: int = typer.Option(8, help="Frames per clip."),
     size: int = typer.Option(32, help="Frame size in pixels (square)."),
     seed: int = typer.Option(0, help="Random seed."),
 ) -> None:
-    """Fit a small model to a real clip (bikes) and write an interpolated mp4."""
+    """The whole workflow on embedded defaults: shard the bundled clips, train, gate and promote
+    the tiny curriculum (2 CPU ranks a stage), generate from the champion. --quick: one clip."""
+    if not quick:
+        _workflow_demo(config, store, out)
+        return
     from mardini.demo import run_demo
 
     with Progress(
@@ -74,6 +86,27 @@ def demo(
     table.add_row("interpolation time", f"{result.sample_seconds:.1f} s ({sample_steps} steps)")
     table.add_row("interpolation", str(result.video))
     table.add_row("ground truth | interpolation", str(result.side_by_side))
+    console.print(table)
+
+
+def _workflow_demo(config: str, store: str | None, out: Path) -> None:
+    from mardini.workflow_demo import run_workflow_demo
+
+    start = time.monotonic()
+    result = run_workflow_demo(config, store, out)
+    total = time.monotonic() - start
+    counts = result.manifest["counts"]
+    table = Table(title="MarDini workflow demo", show_header=False)
+    table.add_row(
+        "shards",
+        f"{counts['inputs']} videos -> {counts.get('clips', '?')} clips ({result.seconds['shard']:.0f} s)",
+    )
+    for stage, version in result.promoted.items():
+        table.add_row(f"stage {stage}", f"promoted, model version {version}")
+    table.add_row("curriculum", f"{result.seconds['curriculum']:.0f} s")
+    table.add_row("champion interpolation", f"{result.video} ({result.seconds['generate']:.0f} s)")
+    table.add_row("total", f"{total:.0f} s")
+    table.add_row("MLflow UI", f".venv/bin/mlflow ui --backend-store-uri {result.tracking_uri}")
     console.print(table)
 
 
@@ -114,6 +147,32 @@ def train(
 
 
 @app.command()
+def promote(
+    curriculum: str = typer.Option(..., help="Curriculum name (registered model mardini-NAME)."),
+    version: str = typer.Option(..., help="Model version to promote."),
+    stage: str = typer.Option(..., help="Stage alias to move to that version."),
+    champion: bool = typer.Option(False, help="Also move the champion alias."),
+    store: str = typer.Option(
+        None, help="Store whose SQLite MLflow to use (unless MLFLOW_TRACKING_URI)."
+    ),
+) -> None:
+    """Promote a registered version by hand: move alias STAGE (and champion) to VERSION."""
+    from mlflow.tracking import MlflowClient
+
+    from mardini.train.tracking import tracking_uri
+    from pipelines.promotion import promote as move_aliases
+    from pipelines.promotion import registered_name
+
+    uri = tracking_uri(store)
+    aliases = move_aliases(
+        MlflowClient(uri), registered_name(curriculum), version, stage, last=champion
+    )
+    console.print(
+        f"{registered_name(curriculum)}: {', '.join('@' + a for a in aliases)} -> version {version}"
+    )
+
+
+@app.command()
 def presets() -> None:
     """Print each model preset's parameter counts (built on the meta device, no memory used)."""
     import torch
@@ -137,6 +196,18 @@ def presets() -> None:
 # ----------------------------------------------------------------------------- eval
 
 
+THREADS = typer.Option(
+    None, help="CPU threads for torch (torch's default); 1 is fastest on busy shared cores."
+)
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def _tracking(store: str | None) -> str:
     from mardini.train.tracking import tracking_uri
 
@@ -150,10 +221,10 @@ def eval_(
         "--checkpoint",
         "-c",
         help="final/ dir or URL, a stage dir, or models:/name@alias "
-        "[default with --config/--stage: that stage's final/ in the store].",
+        "(default with --config/--stage: that stage's final/ in the store).",
     ),
     data: str = typer.Option(
-        None, help="Shard root holding the val split [default: the config's data]."
+        None, help="Shard root holding the val split (default: the config's data)."
     ),
     config: Path = typer.Option(None, help="Curriculum YAML: stage settings and gates."),
     stage: str = typer.Option(None, help="Stage of --config to evaluate as (applies its gates)."),
@@ -161,18 +232,19 @@ def eval_(
         [], "--override", "-o", help="Dotted key=value for --config, repeatable."
     ),
     out: Path = typer.Option(Path("out/eval"), help="Directory for eval.json and samples/."),
-    frames: int = typer.Option(None, help="Frames per clip [stage's, else 8]."),
-    resolution: int = typer.Option(None, help="Clip side in pixels [stage's, else 32]."),
-    fps: float = typer.Option(None, help="Clip frame rate [stage's, else 8]."),
+    frames: int = typer.Option(None, help="Frames per clip (stage's, else 8)."),
+    resolution: int = typer.Option(None, help="Clip side in pixels (stage's, else 32)."),
+    fps: float = typer.Option(None, help="Clip frame rate (stage's, else 8)."),
     max_clips: int = typer.Option(32, help="Evaluate at most this many held-out clips."),
     batch: int = typer.Option(4, help="Clips per batch."),
-    steps: int = typer.Option(None, help="Denoising steps [config's sample.steps, else 25]."),
-    cfg_scale: float = typer.Option(None, help="Guidance scale for image-to-video [1.0]."),
-    seed: int = typer.Option(None, help="Seed of the noise [config's, else 0]."),
+    steps: int = typer.Option(None, help="Denoising steps (config's sample.steps, else 25)."),
+    cfg_scale: float = typer.Option(None, help="Guidance scale for image-to-video (1.0)."),
+    seed: int = typer.Option(None, help="Seed of the noise (config's, else 0)."),
     i3d: str = typer.Option(
-        None, help="I3D TorchScript file for FVD [$MARDINI_I3D]; without it FVD is skipped."
+        None, help="I3D TorchScript file for FVD ($MARDINI_I3D); without it FVD is skipped."
     ),
     device: str = typer.Option("cpu", help="cpu or cuda."),
+    threads: int = THREADS,
     store: str = typer.Option(None, help="fsspec root (default $MARDINI_STORE or ./.mardini)."),
     mlflow: bool = typer.Option(True, help="Log metrics and samples to MLflow."),
     run_id: str = typer.Option(None, help="Log into this MLflow run instead of a new one."),
@@ -183,6 +255,7 @@ def eval_(
     from mardini.storage import join, store_root
     from mardini.train.checkpoint import stage_dir
 
+    _set_threads(threads)
     settings = {
         "frames": frames,
         "resolution": resolution,
@@ -273,15 +346,15 @@ app.add_typer(generate_app, name="generate")
 CHECKPOINT = typer.Option(
     ..., "--checkpoint", "-c", help="final/ dir or URL, a stage dir, or models:/name@alias."
 )
-OUT = typer.Option(None, "--out", "-o", help="Output mp4 [out/<task>.mp4].")
+OUT = typer.Option(None, "--out", "-o", help="Output mp4 (out/<task>.mp4).")
 GIF = typer.Option(False, help="Also write a GIF next to the mp4.")
 LOSSLESS = typer.Option(False, help="Lossless RGB mp4 (exact pixels; fewer players).")
-SIZE = typer.Option(None, help="Frame side in pixels [the stage's, else 32].")
+SIZE = typer.Option(None, help="Frame side in pixels (the stage's, else 32).")
 STEPS = typer.Option(25, help="Denoising steps.")
 SOLVER = typer.Option("euler", help="euler or heun.")
 CFG = typer.Option(1.0, help="Guidance scale (image-to-video and expansion; paper: 2.5).")
 SEED = typer.Option(0, help="Seed of the noise.")
-FPS = typer.Option(None, help="Output frame rate [the stage's, else 8].")
+FPS = typer.Option(None, help="Output frame rate (the stage's, else 8).")
 DEVICE = typer.Option("cpu", help="cpu or cuda.")
 STORE = typer.Option(None, help="fsspec root, for the MLflow registry of models:/ URIs.")
 
@@ -292,6 +365,7 @@ def _generate(task: str, checkpoint: str, out, store, device, run, **opts) -> No
 
     from mardini import generate as g
 
+    _set_threads(opts["threads"])
     with console.status(f"loading {checkpoint}"):
         model, meta = g.load_model(checkpoint, device=device, tracking_uri=_tracking(store))
     sample = g.SampleOptions(
@@ -347,6 +421,7 @@ def generate_interpolate(
     seed: int = SEED,
     fps: float = FPS,
     device: str = DEVICE,
+    threads: int = THREADS,
     store: str = STORE,
 ) -> None:
     """Interpolate between two images: FRAMES frames, the given two kept exactly."""
@@ -374,6 +449,7 @@ def generate_i2v(
     seed: int = SEED,
     fps: float = FPS,
     device: str = DEVICE,
+    threads: int = THREADS,
     store: str = STORE,
 ) -> None:
     """Image-to-video: FRAMES frames starting with the image (kept exactly)."""
@@ -391,7 +467,7 @@ def generate_expand(
     video: Path = typer.Option(..., help="Video to continue (all its frames are kept)."),
     add: int = typer.Option(..., help="Frames to add after it."),
     window: int = typer.Option(
-        None, help="Frames the model sees per call [all]; longer results grow autoregressively."
+        None, help="Frames the model sees per call (all); longer results grow autoregressively."
     ),
     checkpoint: str = CHECKPOINT,
     out: Path = OUT,
@@ -404,6 +480,7 @@ def generate_expand(
     seed: int = SEED,
     fps: float = FPS,
     device: str = DEVICE,
+    threads: int = THREADS,
     store: str = STORE,
 ) -> None:
     """Video expansion: the video's frames, then ADD generated ones."""
@@ -432,6 +509,7 @@ def generate_long(
     seed: int = SEED,
     fps: float = FPS,
     device: str = DEVICE,
+    threads: int = THREADS,
     store: str = STORE,
 ) -> None:
     """Long video from one image: keyframes by image-to-video, then recursive interpolation."""
@@ -446,7 +524,7 @@ def generate_long(
 
 def _opts(args: dict) -> dict:
     """The shared generation options out of a command's arguments."""
-    keys = ("gif", "lossless", "size", "steps", "solver", "cfg_scale", "seed", "fps")
+    keys = ("gif", "lossless", "size", "steps", "solver", "cfg_scale", "seed", "fps", "threads")
     return {k: args[k] for k in keys}
 
 

@@ -19,6 +19,7 @@ def test_demo_writes_a_decodable_interpolation(tmp_path):
             "-m",
             "mardini.cli",
             "demo",
+            "--quick",
             "--out",
             str(out),
             "--steps",

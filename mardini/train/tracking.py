@@ -36,19 +36,21 @@ def tracking_uri(store: str | None = None) -> str:
     return f"sqlite:///{path}/mlflow.db"
 
 
-def ensure_experiment(name: str, store: str | None = None) -> str:
-    """Create (or find) the experiment ``name``; local artifacts live beside the SQLite file."""
-    import mlflow
+def ensure_experiment(name: str, store: str | None = None, uri: str | None = None) -> str:
+    """Create (or find) the experiment ``name``; local artifacts live beside the SQLite file.
 
-    uri = tracking_uri(store)
-    mlflow.set_tracking_uri(uri)
-    experiment = mlflow.get_experiment_by_name(name)
+    Uses an explicit client: no global MLflow state changes (the flow runs many curricula)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = uri or tracking_uri(store)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     artifacts = None
     if uri.startswith("sqlite:///"):
         artifacts = Path(uri.removeprefix("sqlite:///")).parent.joinpath("mlartifacts").as_uri()
-    return mlflow.create_experiment(name, artifact_location=artifacts)
+    return client.create_experiment(name, artifact_location=artifacts)
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, str]:
@@ -107,7 +109,9 @@ class Tracker:
             return None
         import mlflow
 
-        experiment_id = ensure_experiment(experiment, store)
+        uri = tracking_uri(store)
+        mlflow.set_tracking_uri(uri)  # this process (one rank-0 trainer) logs to one store only
+        experiment_id = ensure_experiment(experiment, store, uri)
         if parent_run_id:
             tags = {**tags, "mlflow.parentRunId": parent_run_id}
         run = mlflow.start_run(

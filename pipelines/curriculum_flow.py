@@ -1,0 +1,269 @@
+"""The ``train-curriculum`` flow: every stage trained as a job, evaluated, gated, promoted.
+
+Reads like the runbook: for each stage in order — skip it if its alias is already set; launch
+its training job (local processes or a Kubeflow PyTorchJob); evaluate the exported weights on
+the held-out split; register them as ``{stage}-candidate``; apply the stage's gates; promote to
+``{stage}`` (and ``champion`` after the last stage) or fail with the gate report.
+
+Also here: ``evaluate-checkpoint`` and ``promote-checkpoint``, so that a person can re-evaluate
+any version and promote by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from mlflow.tracking import MlflowClient
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from mardini.config import CurriculumConfig, load_config
+from mardini.storage import filesystem, join, store_root
+from mardini.train.checkpoint import stage_dir
+from mardini.train.tracking import ensure_experiment, tracking_uri
+from pipelines.promotion import alias_version, promote, registered_name
+
+log = logging.getLogger(__name__)
+
+
+class GateFailed(RuntimeError):
+    """A stage's gates did not pass; the message is the gate report."""
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+@task(name="resolve-config", cache_policy=NO_CACHE)
+def resolve_config(config: str, overrides: list[str], store: str) -> tuple[CurriculumConfig, str]:
+    """Load the curriculum with overrides and write the resolved YAML the jobs will read."""
+    cfg = load_config(config, overrides)
+    if not overrides:
+        return cfg, config
+    # Jobs read one file: the resolved config, kept with the runs so a rerun sees the same one.
+    root = store if "://" not in store else os.environ.get("TMPDIR", "/tmp")
+    path = Path(root) / "runs" / cfg.name / "curriculum.resolved.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = cfg.model_dump(mode="json", exclude={"source"})
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return load_config(path), str(path)
+
+
+@task(name="train-stage", cache_policy=NO_CACHE)
+def train_stage(
+    config_path: str,
+    cfg: CurriculumConfig,
+    stage: str,
+    launcher: str,
+    store: str,
+    parent_run_id: str,
+    nnodes: int,
+    nproc_per_node: int,
+    image: str | None,
+    timeout_s: float | None,
+) -> dict[str, Any]:
+    """Run the stage's training job to completion and return its export's metadata."""
+    env = {
+        "MARDINI_STORE": store,
+        "MARDINI_PARENT_RUN_ID": parent_run_id,
+        "MLFLOW_TRACKING_URI": tracking_uri(store),
+    }
+    start = time.monotonic()
+    if launcher == "local":
+        from pipelines.launchers.local import run_local
+
+        run_local(
+            config_path,
+            stage,
+            nnodes=nnodes,
+            nproc_per_node=nproc_per_node,
+            env=env,
+            timeout_s=timeout_s,
+        )
+    elif launcher == "kubeflow":
+        from pipelines.launchers.kubeflow_run import run_pytorchjob
+
+        run_pytorchjob(cfg, stage, config_path=None, image=image, nnodes=nnodes,
+                       nproc_per_node=nproc_per_node, run_id=parent_run_id, timeout_s=timeout_s)  # fmt: skip
+    else:
+        raise ValueError(f"unknown launcher {launcher!r}; use 'local' or 'kubeflow'")
+    final = join(stage_dir(store, cfg.name, stage), "final")
+    fs, path = filesystem(final)
+    meta = json.loads(fs.cat_file(f"{path}/config.json"))
+    meta["final_url"] = final
+    meta["train_seconds"] = time.monotonic() - start
+    return meta
+
+
+@task(name="evaluate-stage", cache_policy=NO_CACHE)
+def evaluate_stage(
+    cfg: CurriculumConfig, stage: str, final_url: str, store: str, run_id: str | None, uri: str
+) -> dict[str, Any]:
+    """Evaluate exported weights on the held-out split; metrics go to the stage's MLflow run."""
+    from mardini.eval import evaluate_final
+
+    data = cfg.data.shards or join(store, "shards", cfg.data.dataset)
+    return evaluate_final(
+        final_url, cfg, stage, data=data, run_id=run_id, store=store, tracking_uri=uri
+    )
+
+
+@task(name="register-candidate", cache_policy=NO_CACHE)
+def register_candidate(
+    cfg: CurriculumConfig, stage: str, final_url: str, run_id: str | None, uri: str
+) -> str:
+    """Log the stage's weights as an MLflow model version with alias ``{stage}-candidate``."""
+    from mardini.mlflow_model import log_model
+
+    name = registered_name(cfg.name)
+    model_uri = log_model(final_url, registered_model_name=name, run_id=run_id, tracking_uri=uri)
+    version = model_uri.rsplit("/", 1)[-1]  # models:/name/version
+    MlflowClient(uri).set_registered_model_alias(name, f"{stage}-candidate", version)
+    return version
+
+
+@task(name="apply-gates", cache_policy=NO_CACHE)
+def apply_gates(cfg: CurriculumConfig, stage: str, metrics: dict[str, Any], run_link: str) -> str:
+    """Evaluate the stage's gates; raise ``GateFailed`` with the report when one fails."""
+    from mardini.eval.gates import check_gates
+
+    report = check_gates(cfg.stage(stage).gates, metrics, stage=stage)
+    if not report.passed:
+        raise GateFailed(f"stage {stage!r} failed its gates (MLflow: {run_link})\n{report}")
+    return str(report)
+
+
+# ----------------------------------------------------------------------------- flows
+
+
+@flow(name="train-curriculum", log_prints=True)
+def train_curriculum(
+    config: str = "configs/tiny.yaml",
+    launcher: str = "local",
+    store: str | None = None,
+    image: str | None = None,
+    overrides: list[str] | None = None,
+    nnodes: int = 1,
+    nproc_per_node: int = 2,
+    timeout_s: float | None = None,
+) -> dict[str, str]:
+    """Train, evaluate, gate and promote every stage of a curriculum; returns stage -> version."""
+    logger = get_run_logger()
+    store = store_root(store)
+    uri = tracking_uri(store)
+    if launcher == "kubeflow" and overrides:
+        raise ValueError(
+            "overrides are not supported with the kubeflow launcher: pods read the config baked "
+            "into the image; commit a config file with the changes and pass its path instead"
+        )
+    cfg, config_path = resolve_config(config, list(overrides or []), store)
+    name = registered_name(cfg.name)
+    client = MlflowClient(uri)
+    experiment_id = ensure_experiment(cfg.name, store, uri)
+    parent = client.create_run(
+        experiment_id,
+        run_name=f"curriculum {flow_run.get_name() or ''}".strip(),
+        tags={
+            "curriculum": cfg.name,
+            "prefect.flow_run_id": str(flow_run.get_id()),
+            "launcher": launcher,
+        },
+    )
+    parent_id = parent.info.run_id
+    _link_runs(client, uri, parent_id, experiment_id)
+    promoted: dict[str, str] = {}
+    status = "FAILED"
+    try:
+        for index, stage in enumerate(cfg.stages):
+            last = index == len(cfg.stages) - 1
+            done = alias_version(client, name, stage.name)
+            if done is not None:
+                logger.info("stage %s already promoted (version %s): skipped", stage.name, done)
+                promoted[stage.name] = done
+                continue
+            logger.info("stage %s: training (%s launcher)", stage.name, launcher)
+            meta = train_stage(
+                config_path,
+                cfg,
+                stage.name,
+                launcher,
+                store,
+                parent_id,
+                nnodes,
+                nproc_per_node,
+                image,
+                timeout_s,
+            )
+            client.log_metric(parent_id, f"{stage.name}.train_seconds", meta["train_seconds"])
+            run_id = meta.get("mlflow_run_id")
+            metrics = evaluate_stage(cfg, stage.name, meta["final_url"], store, run_id, uri)
+            version = register_candidate(cfg, stage.name, meta["final_url"], run_id, uri)
+            report = apply_gates(cfg, stage.name, metrics, _run_link(uri, experiment_id, run_id))
+            logger.info("stage %s passed its gates:\n%s", stage.name, report)
+            promote(client, name, version, stage.name, last=last)
+            promoted[stage.name] = version
+        status = "FINISHED"
+    finally:
+        client.set_terminated(parent_id, status=status)
+    logger.info(
+        "curriculum %s promoted: %s (champion = %s)",
+        cfg.name,
+        promoted,
+        promoted.get(cfg.stages[-1].name),
+    )
+    return promoted
+
+
+def _run_link(base: str, experiment_id: str, run_id: str | None) -> str:
+    """The MLflow UI link of a run on a tracking server, else the run id and the store."""
+    if run_id and base.startswith("http"):
+        return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"run {run_id} in {base}"
+
+
+def _link_runs(client: MlflowClient, uri: str, parent_id: str, experiment_id: str) -> None:
+    """Cross-link: the Prefect flow run shows the MLflow run; the MLflow run names the flow run."""
+    link = _run_link(uri, experiment_id, parent_id)
+    try:
+        create_markdown_artifact(
+            key="mlflow-run",
+            markdown=f"MLflow parent run: {link}",
+            description="MLflow run of this flow run",
+        )
+    except Exception:  # no Prefect API (e.g. called as a plain function): the MLflow tag suffices
+        log.debug("no Prefect artifact for %s", link)
+    ui = os.environ.get("PREFECT_UI_URL")
+    if ui and flow_run.get_id():
+        client.set_tag(
+            parent_id, "prefect.flow_run_url", f"{ui.rstrip('/')}/runs/flow-run/{flow_run.get_id()}"
+        )
+
+
+@flow(name="evaluate-checkpoint")
+def evaluate_checkpoint(
+    checkpoint: str, config: str, stage: str, data: str | None = None, store: str | None = None
+) -> dict[str, Any]:
+    """Re-evaluate any checkpoint (a final/ URL or models:/name@alias) on a stage's held-out split."""
+    from mardini.eval import evaluate_final
+
+    store = store_root(store)
+    cfg = load_config(config)
+    data = data or cfg.data.shards or join(store, "shards", cfg.data.dataset)
+    return evaluate_final(checkpoint, cfg, stage, data=data, run_id=None)
+
+
+@flow(name="promote-checkpoint")
+def promote_checkpoint(
+    curriculum: str, version: str, stage: str, champion: bool = False
+) -> list[str]:
+    """Promote a registered version by hand: alias ``{stage}`` (and ``champion``)."""
+    return promote(
+        MlflowClient(tracking_uri()), registered_name(curriculum), version, stage, last=champion
+    )

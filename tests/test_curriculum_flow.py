@@ -1,0 +1,125 @@
+"""The train-curriculum flow end to end: local launcher (2 CPU ranks per stage), real shards,
+SQLite MLflow registry, Prefect's test harness; a failing gate; a crashing rank."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from prefect.testing.utilities import prefect_test_harness
+
+from pipelines.curriculum_flow import train_curriculum
+from pipelines.promotion import alias_version, registered_name
+from tests.conftest import CONFIGS
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _config(tmp_path: Path, shards: str, name: str) -> str:
+    raw = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
+    raw["name"] = name
+    raw["model"] = {"preset": "debug"}
+    raw["data"] = {"dataset": "clips", "shards": shards, "shuffle_buffer": 4}
+    raw["sample"] = {"steps": 2}
+    for stage in raw["stages"]:
+        stage.update(
+            steps=3, checkpoint_every=3, log_every=1, micro_batch=1, frames=4, resolution=32
+        )
+        stage["gates"] = [{"metric": "heldout_loss", "max": 10.0}]
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch) -> str:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def _stage_runs(uri: str, curriculum: str) -> dict[str, list]:
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(curriculum)
+    runs = client.search_runs([experiment.experiment_id])
+    out: dict[str, list] = {}
+    for run in runs:
+        out.setdefault(run.data.tags.get("stage", "<parent>"), []).append(run)
+    return out
+
+
+def _no_training_processes_left() -> list[str]:
+    left = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "mardini.train" in cmd and "pytest" not in cmd:
+            left.append(cmd)
+    return left
+
+
+def test_every_stage_promoted_and_champion_set(tmp_path, train_shards, mlflow_uri):
+    config = _config(tmp_path, train_shards, "flow-e2e")
+    promoted = train_curriculum(config=config, store=str(tmp_path / "store"), nproc_per_node=2)
+    client = MlflowClient(mlflow_uri)
+    name = registered_name("flow-e2e")
+    stages = ["mar", "dm", "joint-interpolation", "joint-i2v"]
+    assert list(promoted) == stages
+    for stage in stages:
+        assert alias_version(client, name, stage) == promoted[stage]
+        assert alias_version(client, name, f"{stage}-candidate") == promoted[stage]
+    assert alias_version(client, name, "champion") == promoted["joint-i2v"]
+    runs = _stage_runs(mlflow_uri, "flow-e2e")
+    parent = runs["<parent>"]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    for stage in stages:
+        (child,) = runs[stage]
+        assert child.data.tags["mlflow.parentRunId"] == parent[0].info.run_id
+        assert "heldout_loss" in child.data.metrics
+    assert parent[0].data.tags["prefect.flow_run_id"]
+
+
+def test_failed_gate_stops_the_flow_and_a_rerun_resumes(tmp_path, train_shards, mlflow_uri):
+    config = _config(tmp_path, train_shards, "flow-gate")
+    store = str(tmp_path / "store")
+    state = train_curriculum(
+        config=config, store=store, overrides=["stages.dm.gates.0.max=1e-9"], return_state=True
+    )
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert "heldout_loss" in message and "1e-09" in message and "dm" in message
+    client = MlflowClient(mlflow_uri)
+    name = registered_name("flow-gate")
+    assert alias_version(client, name, "mar") is not None
+    assert alias_version(client, name, "dm") is None  # nothing promoted for the failed stage
+    assert alias_version(client, name, "dm-candidate") is not None  # kept for a human to inspect
+    assert not (
+        Path(store) / "runs" / "flow-gate" / "joint-interpolation"
+    ).exists()  # never launched
+
+    promoted = train_curriculum(config=config, store=store, overrides=["stages.dm.gates.0.max=10"])
+    assert alias_version(client, name, "champion") == promoted["joint-i2v"]
+    runs = _stage_runs(mlflow_uri, "flow-gate")
+    assert len(runs["mar"]) == 1  # the rerun skipped the promoted stage
+    assert len(runs["dm"]) == 1  # ... and resumed dm's run from its final checkpoint
+
+
+def test_a_crashing_rank_fails_the_flow_with_its_log_tail(
+    tmp_path, train_shards, mlflow_uri, monkeypatch
+):
+    config = _config(tmp_path, train_shards, "flow-crash")
+    monkeypatch.setenv("MARDINI_FAULT", "step:1:1")  # rank 1 SIGKILLs itself at its second step
+    state = train_curriculum(config=config, store=str(tmp_path / "store"), return_state=True)
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert "stage 'mar'" in message and "exited with code" in message
+    assert "last log lines" in message and "rank" in message
+    assert _no_training_processes_left() == []
