@@ -165,7 +165,11 @@ def promote(
 
     uri = tracking_uri(store)
     aliases = move_aliases(
-        MlflowClient(uri), registered_name(curriculum), version, stage, last=champion
+        MlflowClient(uri, registry_uri=uri),
+        registered_name(curriculum),
+        version,
+        stage,
+        last=champion,
     )
     console.print(
         f"{registered_name(curriculum)}: {', '.join('@' + a for a in aliases)} -> version {version}"

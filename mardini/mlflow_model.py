@@ -229,7 +229,10 @@ def log_model(
     ``runs:/run_id/name``. Uses ``MlflowClient`` only: no global MLflow state is changed."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri)
+    # registry_uri too: MLflow 3 resolves a client's registry from the *global* default
+    # (sqlite:///mlflow.db in the cwd), not from the tracking_uri given (seen here: `make demo`
+    # registered into ./mlflow.db and then could not find models:/mardini-tiny@champion).
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         local = _local_final(final_url, tmp)
         meta = json.loads(Path(local, "config.json").read_text())
@@ -284,7 +287,7 @@ def register_model(
 
     uri = log_model(final_url, registered_model_name, run_id=run_id, tracking_uri=tracking_uri)
     version = uri.rsplit("/", 1)[1]
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     for alias in aliases:
         client.set_registered_model_alias(registered_model_name, alias, version)
     return version

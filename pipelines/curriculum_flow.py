@@ -125,7 +125,9 @@ def register_candidate(
     name = registered_name(cfg.name)
     model_uri = log_model(final_url, registered_model_name=name, run_id=run_id, tracking_uri=uri)
     version = model_uri.rsplit("/", 1)[-1]  # models:/name/version
-    MlflowClient(uri).set_registered_model_alias(name, f"{stage}-candidate", version)
+    MlflowClient(uri, registry_uri=uri).set_registered_model_alias(
+        name, f"{stage}-candidate", version
+    )
     return version
 
 
@@ -165,7 +167,7 @@ def train_curriculum(
         )
     cfg, config_path = resolve_config(config, list(overrides or []), store)
     name = registered_name(cfg.name)
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, registry_uri=uri)
     experiment_id = ensure_experiment(cfg.name, store, uri)
     parent = client.create_run(
         experiment_id,
@@ -265,5 +267,9 @@ def promote_checkpoint(
 ) -> list[str]:
     """Promote a registered version by hand: alias ``{stage}`` (and ``champion``)."""
     return promote(
-        MlflowClient(tracking_uri()), registered_name(curriculum), version, stage, last=champion
+        MlflowClient(tracking_uri(), registry_uri=tracking_uri()),
+        registered_name(curriculum),
+        version,
+        stage,
+        last=champion,
     )
