@@ -371,7 +371,7 @@ def log_to_mlflow(
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     if run_id is None:
         from mardini.mlflow_model import experiment_id
 
