@@ -54,11 +54,22 @@ def resolve_checkpoint(source: str, tracking_uri: str | None = None) -> str:
     ``models:/name@alias`` (downloaded from the MLflow registry at ``tracking_uri``)."""
     if source.startswith("models:/"):
         import mlflow
+        from mlflow.tracking import MlflowClient
 
         try:
+            # Resolve the alias with an explicit client: download_artifacts looks models:/ URIs
+            # up in the *global* default registry (./mlflow.db), whatever registry_uri it is
+            # given (seen here in MLflow 3.17: `make demo` could not find its champion).
+            client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+            name, _, ref = source.removeprefix("models:/").partition("@")
+            if ref:
+                version = client.get_model_version_by_alias(name, ref).version
+            else:
+                name, _, version = name.partition("/")
+            artifact = client.get_model_version_download_uri(name, str(version))
             local = Path(
                 mlflow.artifacts.download_artifacts(
-                    artifact_uri=source, tracking_uri=tracking_uri, registry_uri=tracking_uri
+                    artifact_uri=artifact, tracking_uri=tracking_uri
                 )
             )
         except Exception as err:
