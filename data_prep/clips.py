@@ -27,6 +27,7 @@ from data_prep.config import PrepConfig
 from data_prep.inputs import InputFile
 from data_prep.scenes import SceneCuts
 from mardini.storage import filesystem
+from mardini.x264 import x264_options
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def encode_clip(
     with av.open(buffer, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(cfg.fps).limit_denominator(1000))
         stream.width, stream.height, stream.pix_fmt = size, size, "yuv420p"
-        stream.options = {"crf": str(cfg.crf), "preset": cfg.preset}
+        stream.options = {"crf": str(cfg.crf), "preset": cfg.preset, **x264_options()}
         for name, value in (color or {}).items():
             setattr(stream.codec_context, name, value)
         # One x264 thread: the pool already fills the cores, and x264's output depends on its

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mardini.x264 import x264_options
+
 
 def read_video(
     path: str | Path,
@@ -76,7 +78,7 @@ def write_video(
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"crf": str(crf)}
+        stream.options = {"crf": str(crf), **x264_options()}
         for image in frames:
             image = np.pad(
                 image, ((0, h - image.shape[0]), (0, w - image.shape[1]), (0, 0)), mode="edge"
