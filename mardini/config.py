@@ -102,6 +102,14 @@ class ModelConfig(_Strict):
     # Probability of replacing the planning signals by the learned null during training (CFG).
     cfg_dropout: float = Field(0.1, ge=0.0, le=1.0)
     activation_checkpointing: bool = False
+    # Attention kernel (mardini/models/attention.py): "sdpa" runs SDPA's fused kernels, with a
+    # dense mask only where Identity Attention masks something; "flex" runs flex_attention
+    # with a block mask, so no N x N mask exists at the paper's token counts (GPU training).
+    attention_backend: Literal["sdpa", "flex"] = "sdpa"
+    # torch.compile every transformer block (training, evaluation, generation) with this
+    # backend: "inductor" for speed on a GPU, "aot_eager" to trace without code generation.
+    compile: bool = False
+    compile_backend: str = "inductor"
 
     @model_validator(mode="before")
     @classmethod
@@ -182,6 +190,9 @@ class DataConfig(_Strict):
     lanes: int = Field(8, ge=1)
     workers: int = Field(0, ge=0)
     seed: int = 0
+    # Train on latents precomputed by `mardini prep latents` (under {shards}/latents/) instead
+    # of decoding mp4 clips and running the autoencoder every step; eval still reads mp4.
+    latents: bool = False
     # Debugging aid: train on the first batch over and over (a loss that does not fall here
     # means a bug, not a data problem).
     overfit_batch: bool = False
