@@ -1,6 +1,6 @@
 """Sharding throughput vs raw PyAV decoding of the same files on the same cores, side by side.
 
-    .venv/bin/python bench/data_prep.py [--workers N] [--copies K] [--inputs FILE ...]
+    .venv/bin/python bench/sharding.py [--workers N] [--copies K] [--inputs FILE ...]
 
 Both sides run in a pool of ``--workers`` spawned processes over the same file list, each
 decoding with ``cores // workers`` FFmpeg threads. "raw decode" decodes every frame and does
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import av
 
+# A script in bench/ named data_prep.py would shadow the package; this one is sharding.py.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_prep import PrepConfig, shard_videos  # noqa: E402

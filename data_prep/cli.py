@@ -94,15 +94,7 @@ def shard(
             workers=workers,
         )
         counts = {"accepted": 0, "rejected": 0, "clips": 0}
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-        ) as progress:
+        with _progress() as progress:
             task = progress.add_task("listing inputs", total=None, info="")
 
             def on_plan(n_inputs: int, n_chunks: int) -> None:
@@ -133,6 +125,73 @@ def shard(
 
 
 @app.command()
+def latents(
+    config: Path = typer.Option(..., "--config", "-c", help="Curriculum YAML (model, data)."),
+    stage: str = typer.Option(
+        ..., "--stage", "-s", help="Stage whose resolution and autoencoder to cache for."
+    ),
+    override: list[str] = typer.Option([], "--override", "-o", help="Config key=value."),
+    shards: str = typer.Option(
+        None, help="mp4 shard root (default: data.shards, else $MARDINI_STORE/shards/{dataset})."
+    ),
+    store: str = typer.Option(None, help="fsspec root (default $MARDINI_STORE or ./.mardini)."),
+    dtype: str = typer.Option("float32", help="float32 (exact) or float16 (half the bytes)."),
+    device: str = typer.Option(None, help="Where to encode (default: cuda if present, else cpu)."),
+    overwrite: bool = typer.Option(False, help="Replace a cache written with another dtype."),
+) -> None:
+    """Cache the autoencoder latents (both resolutions) of every clip, beside the mp4 shards.
+
+    Then set data.latents: true and the stage trains from {shards}/latents/ without decoding
+    or encoding a frame.
+    """
+    import torch
+
+    from data_prep.latents import cache_latents
+    from mardini.config import ConfigError, load_config
+    from mardini.storage import store_root
+    from mardini.train.checkpoint import stage_autoencoder
+    from mardini.train.engine import shards_url
+
+    try:
+        cfg = load_config(config, override)
+        st = cfg.stage(stage)
+        root = store_root(store)
+        source = shards or shards_url(cfg, root)
+        autoencoder = stage_autoencoder(cfg, st, root)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        with _progress() as progress:
+            task = progress.add_task("listing shards", total=None, info="")
+            clips = {"done": 0}
+
+            def on_plan(n: int) -> None:
+                progress.update(task, description=f"encoding ({st.resolution} px)", total=n)
+
+            def on_shard(url: str, count: int, skipped: bool) -> None:
+                clips["done"] += count
+                info = f"{clips['done']} clips" + (" (resuming)" if skipped else "")
+                progress.update(task, advance=1, info=info)
+
+            record = cache_latents(
+                source,
+                autoencoder,
+                planner_downscale=cfg.model.planner_downscale,
+                resolution=st.resolution,
+                dtype=dtype,
+                device=device,
+                overwrite=overwrite,
+                on_plan=on_plan,
+                on_shard=on_shard,
+            )
+    except (PrepError, ConfigError, FileNotFoundError, ValueError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    for split, info in record["splits"].items():
+        console.print(f"  {split}: {info['clips']} clips in {len(info['shards'])} shards")
+    console.print(f"latents: {record['url']} (autoencoder {record['fingerprint'][:12]})")
+    console.print("train from them with: -o data.latents=true")
+
+
+@app.command()
 def show(
     url: str = typer.Argument(..., help="Dataset URL ({out}/{dataset}) or its manifest.json."),
     all_inputs: bool = typer.Option(False, "--all", help="List accepted inputs too."),
@@ -144,6 +203,18 @@ def show(
         console.print(f"[red]error:[/red] no manifest at {manifest_url}; run `shard` first")
         raise typer.Exit(2)
     _print_summary(manifest, manifest_url, limit=None, all_inputs=all_inputs)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
 
 
 def _print_summary(

@@ -87,9 +87,7 @@ class SplitWriter:
             os.makedirs(self.staging_dir, exist_ok=True)
             self._tar = tarfile.open(self._path, "w", format=tarfile.USTAR_FORMAT)
         for ext, data in (("mp4", mp4), ("json", payload)):
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o444
-            self._tar.addfile(info, io.BytesIO(data))
+            tar_add(self._tar, f"{key}.{ext}", data)
         self._count += 1
         self._bytes += size
 
@@ -123,6 +121,13 @@ class SplitWriter:
             )
         )
         self._count = self._bytes = 0
+
+
+def tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Add one member with a fixed time and mode, so equal contents make equal shard bytes."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o444
+    tar.addfile(info, io.BytesIO(data))
 
 
 def publish(staged: str, url: str) -> None:

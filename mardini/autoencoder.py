@@ -7,9 +7,11 @@ downloaded: the KL autoencoder is built from config, or loaded from a local dire
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
@@ -95,6 +97,40 @@ class KLAutoencoder(Autoencoder):
         b = latents_BTChw.shape[0]
         z = rearrange(latents_BTChw, "b t c h w -> (b t) c h w") / self.scale + self.shift
         return rearrange(self.vae.decode(z).sample, "(b t) c h w -> b t c h w", b=b)
+
+
+@torch.no_grad()
+def encode_pair(
+    autoencoder: Autoencoder, video_BT3HW: torch.Tensor, planner_downscale: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents of a clip at both resolutions: ``(hi, lo)`` for the generator and the planner.
+
+    ``lo`` encodes the frames area-downscaled by ``planner_downscale``. The one definition the
+    model, the latent cache (``data_prep latents``) and the benchmarks share.
+    """
+    hi = autoencoder.encode(video_BT3HW)
+    if planner_downscale == 1:
+        return hi, hi
+    small = F.interpolate(
+        rearrange(video_BT3HW, "b t c h w -> (b t) c h w"),
+        scale_factor=1 / planner_downscale,
+        mode="area",
+    )
+    lo = autoencoder.encode(rearrange(small, "(b t) c h w -> b t c h w", b=video_BT3HW.shape[0]))
+    return hi, lo
+
+
+def fingerprint(autoencoder: Autoencoder, planner_downscale: int) -> str:
+    """SHA-256 of what latents depend on: the autoencoder's class, weights and normalisation,
+    and the planner's downscale. Equal fingerprints give equal latents for equal frames."""
+    digest = hashlib.sha256()
+    scale = (getattr(autoencoder, "scale", 1.0), getattr(autoencoder, "shift", 0.0))
+    digest.update(f"{type(autoencoder).__name__}/{scale}/{planner_downscale}".encode())
+    for name, tensor in sorted(autoencoder.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def build_autoencoder(cfg: AutoencoderConfig) -> Autoencoder:

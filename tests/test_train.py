@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -132,9 +133,16 @@ def test_mlflow_run_holds_params_metrics_artifacts(curriculum):
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
     assert params["stage.kind"] == "dm" and params["stage.steps"] == str(STEPS)
     assert params["model.generator.depth"] == "2" and params["world_size"] == "2"
-    assert {"loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "peak_memory_mb"} <= set(
-        metrics
-    )
+    assert {
+        "loss",
+        "lr",
+        "grad_norm",
+        "samples_per_s",
+        "tokens_per_s",
+        "peak_memory_mb",
+        "tflops_per_s",  # analytic model FLOPs per second; MFU only where a GPU peak is known
+    } <= set(metrics)
+    assert "mfu" not in metrics and metrics["tflops_per_s"] > 0
     assert tags["curriculum"] == "trainer-test" and tags["stage"] == "dm" and tags["git_commit"]
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "config")]
     assert "config/resolved_config.yaml" in artifacts and "config/trainer-test.yaml" in artifacts
@@ -187,6 +195,27 @@ def test_torn_checkpoint_keeps_latest_on_the_previous_one(tmp_path, train_shards
     resumed = _torchrun(config, "dm", store)
     _ok(resumed)
     assert "from step-2 at step 2" in resumed.stderr + resumed.stdout
+    assert _losses(f"sqlite:///{Path(store).resolve()}/mlflow.db", "dm") == uninterrupted
+
+
+def test_training_from_cached_latents_takes_the_same_steps(tmp_path, train_shards, uninterrupted):
+    """`data.latents: true` reads the latent cache instead of mp4: with the pixel autoencoder
+    the latents are the frames, so every loss equals the mp4 run's, bit for bit."""
+    from data_prep.latents import cache_latents
+    from mardini.train.checkpoint import stage_autoencoder
+
+    shards = tmp_path / "shards"
+    shutil.copytree(train_shards, shards)
+    config = _config(tmp_path, str(shards), latents=True)
+    store = str(tmp_path / "store")
+    missing = _torchrun(config, "dm", store)
+    assert missing.returncode != 0 and "mardini prep latents" in missing.stderr
+    cfg = load_config(config)
+    ae = stage_autoencoder(cfg, cfg.stage("dm"), store)
+    cache_latents(str(shards), ae, planner_downscale=cfg.model.planner_downscale, resolution=32)
+    result = _torchrun(config, "dm", store)
+    _ok(result)
+    assert "/latents/32px-" in result.stderr + result.stdout
     assert _losses(f"sqlite:///{Path(store).resolve()}/mlflow.db", "dm") == uninterrupted
 
 

@@ -3,6 +3,7 @@
 from mardini.data.clips import ClipSpec, decode_clip
 from mardini.data.loader import (
     Batch,
+    LatentBatch,
     TrainClips,
     ValClips,
     train_batches,
@@ -15,6 +16,7 @@ from mardini.data.shards import list_shards, shard_samples, split_url
 __all__ = [
     "Batch",
     "ClipSpec",
+    "LatentBatch",
     "TrainClips",
     "ValClips",
     "decode_clip",

@@ -52,9 +52,10 @@ class ClipInfo:
 def clip_info(sample: RawSample) -> ClipInfo:
     """Parse a raw sample's ``json``; raises naming the shard and key if fields are missing."""
     key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
-    if "mp4" not in sample or "json" not in sample:
+    if ("mp4" not in sample and "hi.npy" not in sample) or "json" not in sample:
         raise ValueError(
-            f"{url}#{key}: sample needs 'mp4' and 'json', has {sorted(sample)}; re-run prep"
+            f"{url}#{key}: sample needs 'json' and 'mp4' (or cached 'hi.npy'), has "
+            f"{sorted(sample)}; re-run prep"
         )
     meta = json.loads(sample["json"])
     try:

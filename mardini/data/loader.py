@@ -26,6 +26,10 @@ Ranks get disjoint shards (``shards[rank::world_size]``) when there are at least
 shard count is a multiple of ``world_size * lanes``). With fewer shards, ranks or lanes share
 shards and differ only by their seeds.
 
+Latent caches (``mardini/data/latents.py``) stream the same way: a latent sample carries every
+frame of its clip, so the same seeded window is cut from it; batches are then ``LatentBatch``
+(``keys``, ``latents`` = ``(hi, lo)``) instead of ``Batch`` (``keys``, ``video``).
+
 Validation: the split is read exactly once, in shard and tar order, without shuffling. Shards
 are dealt round-robin to the ``world_size * workers`` readers; with fewer shards than readers,
 samples are dealt instead. Either way the readers together cover the split exactly once.
@@ -45,6 +49,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mardini.data.clips import ClipSpec, RawSample, clip_info, decode_clip, window_starts
+from mardini.data.latents import decode_latents, is_latent_sample
 from mardini.data.shards import list_shards, shard_samples
 
 log = logging.getLogger(__name__)
@@ -53,10 +58,40 @@ DEFAULT_LANES = 8
 
 
 class Batch(NamedTuple):
-    """A batch of clips and the shard keys they came from."""
+    """A batch of clips from mp4 shards and the shard keys they came from."""
 
     keys: list[str]
     video: torch.Tensor  # B T 3 H W in [-1, 1]
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        """What the trainer feeds the model."""
+        return self.video
+
+
+class LatentBatch(NamedTuple):
+    """A batch of cached latents (``mardini/data/latents.py``) and their shard keys."""
+
+    keys: list[str]
+    latents: tuple[torch.Tensor, torch.Tensor]  # (hi B T C h w, lo B T C h' w')
+
+    @property
+    def inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the trainer feeds the model."""
+        return self.latents
+
+
+def make_batch(samples: list[RawSample], spec: ClipSpec, starts: list[int]) -> Batch | LatentBatch:
+    """Decode samples (mp4 or cached latents, not mixed) at the given window starts."""
+    keys = [s["__key__"] for s in samples]
+    kinds = {is_latent_sample(s) for s in samples}
+    if len(kinds) > 1:
+        raise ValueError(f"batch {keys} mixes mp4 and latent samples; keep them in separate roots")
+    pairs = list(zip(samples, starts, strict=True))
+    if kinds == {True}:
+        his, los = zip(*(decode_latents(s, spec, i) for s, i in pairs), strict=True)
+        return LatentBatch(keys, (torch.stack(his), torch.stack(los)))
+    return Batch(keys, torch.stack([decode_clip(s, spec, i) for s, i in pairs]))
 
 
 def _worker() -> tuple[int, int]:
@@ -140,14 +175,15 @@ class TrainClips(IterableDataset):
 
     def batch(self, step: int, samples: list[RawSample]) -> Batch:
         """Decode one step's raw samples, each at a window seeded by (seed, rank, step, item)."""
-        clips = []
-        for item, sample in enumerate(samples):
-            starts = window_starts(clip_info(sample), self.spec)
-            start = random.Random(f"{self._seed_key}/step={step}/item={item}").randrange(starts)
-            clips.append(decode_clip(sample, self.spec, start))
-        return Batch([s["__key__"] for s in samples], torch.stack(clips))
+        starts = [
+            random.Random(f"{self._seed_key}/step={step}/item={item}").randrange(
+                window_starts(clip_info(sample), self.spec)
+            )
+            for item, sample in enumerate(samples)
+        ]
+        return make_batch(samples, self.spec, starts)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Batch | LatentBatch]:
         worker, workers = _worker()
         lanes: dict[int, _Lane] = {}
         for step in itertools.count(self.start_step + worker, workers):
@@ -184,20 +220,22 @@ class ValClips(IterableDataset):
         samples = itertools.chain.from_iterable(shard_samples(url) for url in self.shards)
         yield from itertools.islice(samples, reader, None, readers)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Batch | LatentBatch]:
         samples = self._samples()
         while chunk := list(itertools.islice(samples, self.batch)):
-            video = torch.stack([decode_clip(s, self.spec) for s in chunk])
-            yield Batch([s["__key__"] for s in chunk], video)
+            yield make_batch(chunk, self.spec, [0] * len(chunk))
 
 
 def _check_clips(url: str, spec: ClipSpec) -> None:
     """Fail early, in the calling process, if the first clip cannot serve this stage."""
     with contextlib.closing(shard_samples(url)) as samples:
-        window_starts(clip_info(next(samples)), spec)
+        first = next(samples)
+        window_starts(clip_info(first), spec)
+        if is_latent_sample(first):
+            decode_latents(first, spec)  # the cache's resolution is the stage's
 
 
-def _stream(dataset: IterableDataset, workers: int) -> Iterator[Batch]:
+def _stream(dataset: IterableDataset, workers: int) -> Iterator[Batch | LatentBatch]:
     if workers == 0:
         return iter(dataset)
     # batch_size=None: each worker already yields whole batches; in-order round-robin keeps
@@ -231,7 +269,7 @@ def train_batches(
     shuffle_buffer: int = 64,
     lanes: int = DEFAULT_LANES,
     split: str = "train",
-) -> Iterator[Batch]:
+) -> Iterator[Batch | LatentBatch]:
     """Endless ``Batch(keys, video_BTCHW)`` of ``{shards}/{split}``, from step ``start_step``."""
     urls = list_shards(shards, split)
     spec = ClipSpec(frames=frames, resolution=resolution, fps=fps)
@@ -266,7 +304,8 @@ def train_loader(
     lanes: int = DEFAULT_LANES,
     split: str = "train",
 ) -> Iterator[torch.Tensor]:
-    """Endless ``B T 3 H W`` training batches in [-1, 1], resumable at ``start_step``."""
+    """Endless ``B T 3 H W`` training batches in [-1, 1] (``(hi, lo)`` latents from a latent
+    cache), resumable at ``start_step``."""
     batches = train_batches(
         shards,
         frames=frames,
@@ -282,7 +321,7 @@ def train_loader(
         lanes=lanes,
         split=split,
     )
-    return (b.video for b in batches)
+    return (b.inputs for b in batches)
 
 
 def val_batches(
@@ -296,7 +335,7 @@ def val_batches(
     world_size: int = 1,
     workers: int = 0,
     split: str = "val",
-) -> Iterator[Batch]:
+) -> Iterator[Batch | LatentBatch]:
     """One ordered pass of ``Batch(keys, video_BTCHW)`` over this rank's share of the split."""
     urls = list_shards(shards, split)
     spec = ClipSpec(frames=frames, resolution=resolution, fps=fps)
@@ -317,7 +356,8 @@ def val_loader(
     workers: int = 0,
     split: str = "val",
 ) -> Iterator[torch.Tensor]:
-    """``B T 3 H W`` batches covering this rank's share of the split once (last may be short)."""
+    """``B T 3 H W`` batches (``(hi, lo)`` from a latent cache) covering this rank's share of
+    the split once (the last may be short)."""
     batches = val_batches(
         shards,
         frames=frames,
@@ -329,4 +369,4 @@ def val_loader(
         workers=workers,
         split=split,
     )
-    return (b.video for b in batches)
+    return (b.inputs for b in batches)

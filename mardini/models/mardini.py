@@ -16,11 +16,10 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from mardini.autoencoder import build_autoencoder
+from mardini.autoencoder import build_autoencoder, encode_pair
 from mardini.config import ModelConfig
 from mardini.diffusion import build_schedule, masked_mse, sample_loop
 from mardini.models.generator import Generator
@@ -72,18 +71,8 @@ class MarDini(nn.Module):
     @torch.no_grad()
     def encode(self, video_BT3HW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents for the generator (full resolution) and the planner (downscaled)."""
-        f = self.cfg.planner_downscale
         self._check_size(video_BT3HW)
-        hi = self.autoencoder.encode(video_BT3HW)
-        if f == 1:
-            return hi, hi
-        small = F.interpolate(
-            rearrange(video_BT3HW, "b t c h w -> (b t) c h w"), scale_factor=1 / f, mode="area"
-        )
-        lo = self.autoencoder.encode(
-            rearrange(small, "(b t) c h w -> b t c h w", b=video_BT3HW.shape[0])
-        )
-        return hi, lo
+        return encode_pair(self.autoencoder, video_BT3HW, self.cfg.planner_downscale)
 
     def _check_size(self, video: torch.Tensor) -> None:
         if video.dim() != 5 or video.shape[2] != 3:

@@ -175,8 +175,15 @@ def resolve_init_source(source: str, store: str, curriculum: str) -> str:
     return join(stage_dir(store, curriculum, source), "final")
 
 
-def load_init(model: torch.nn.Module, sources: list[str], store: str, curriculum: str) -> list[str]:
-    """Copy into ``model`` the parts each source trained, in order; returns what was loaded."""
+def load_init(
+    model: torch.nn.Module,
+    sources: list[str],
+    store: str,
+    curriculum: str,
+    only: tuple[str, ...] | None = None,
+) -> list[str]:
+    """Copy into ``model`` the parts each source trained, in order (of those, only the parts
+    in ``only`` when given); returns what was loaded."""
     loaded = []
     for source in sources:
         url = resolve_init_source(source, store, curriculum)
@@ -184,6 +191,10 @@ def load_init(model: torch.nn.Module, sources: list[str], store: str, curriculum
         parts = tuple(meta.get("trained_parts", ()))
         if not parts:
             raise ValueError(f"{url}/config.json lists no trained_parts; cannot tell what to load")
+        if only is not None:
+            parts = tuple(p for p in parts if p in only)
+            if not parts:
+                continue
         picked = {k: v for k, v in state.items() if k.split(".", 1)[0] in parts}
         own = model.state_dict()
         missing = [k for k in own if k.split(".", 1)[0] in parts and k not in picked]
@@ -199,3 +210,16 @@ def load_init(model: torch.nn.Module, sources: list[str], store: str, curriculum
         loaded.append(f"{source}: {', '.join(parts)}")
         log.info("initialised %s from %s", ", ".join(parts), url)
     return loaded
+
+
+def stage_autoencoder(cfg: Any, stage: Any, store: str) -> torch.nn.Module:
+    """The autoencoder stage ``stage`` of curriculum ``cfg`` trains with: built as the trainer
+    builds the model (same seed, so a random KL init is the same), then loaded from whatever
+    ``init_from`` source trained it. What the latent cache must encode with."""
+    from mardini.autoencoder import build_autoencoder
+
+    torch.manual_seed(cfg.seed)  # MarDini builds its autoencoder first: the same weights
+    holder = torch.nn.Module()
+    holder.autoencoder = build_autoencoder(cfg.model.autoencoder)
+    load_init(holder, stage.init_from, store, cfg.name, only=("autoencoder",))
+    return holder.autoencoder

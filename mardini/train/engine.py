@@ -30,6 +30,7 @@ import yaml
 from mardini.config import CurriculumConfig, StageConfig
 from mardini.masking import MaskSampler
 from mardini.models import MarDini, build_model
+from mardini.models.flops import KIND_PARTS, mfu, train_flops
 from mardini.storage import join, store_root
 from mardini.train.checkpoint import (
     TRAINED_PARTS,
@@ -134,13 +135,44 @@ def freeze_for(model: MarDini, kind: str) -> list[str]:
     return list(parts)
 
 
+def shards_url(cfg: CurriculumConfig, store: str) -> str:
+    """The dataset's mp4 shard root: ``data.shards``, else ``{store}/shards/{dataset}``."""
+    return cfg.data.shards or join(store, "shards", cfg.data.dataset)
+
+
+def latent_source(cfg: CurriculumConfig, stage: StageConfig, store: str, model: MarDini) -> str:
+    """The latent cache this model can train from; raises saying how to write it if missing."""
+    from mardini.autoencoder import fingerprint
+    from mardini.data.latents import CACHE_RECORD, cache_url
+    from mardini.storage import filesystem
+
+    key = fingerprint(model.autoencoder, cfg.model.planner_downscale)
+    url = cache_url(shards_url(cfg, store), stage.resolution, key)
+    fs, path = filesystem(join(url, CACHE_RECORD))
+    if not fs.exists(path):
+        source = f" --config {cfg.source}" if cfg.source else " --config <curriculum.yaml>"
+        raise FileNotFoundError(
+            f"data.latents is on but there is no latent cache for stage {stage.name!r} at {url} "
+            f"(autoencoder fingerprint {key[:12]}, {stage.resolution} px): write it with "
+            f"`mardini prep latents{source} --stage {stage.name}`, or set data.latents=false"
+        )
+    return url
+
+
 def train_batches(
-    cfg: CurriculumConfig, stage: StageConfig, store: str, rank: int, world: int, start_step: int
-) -> Iterator[torch.Tensor]:
-    """Micro-batches ``B T 3 H W`` for this rank from ``start_step`` on (one per micro-step)."""
+    cfg: CurriculumConfig,
+    stage: StageConfig,
+    store: str,
+    rank: int,
+    world: int,
+    start_step: int,
+    source: str | None = None,
+) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+    """Micro-batches for this rank from ``start_step`` on (one per micro-step): ``B T 3 H W``
+    video, or ``(hi, lo)`` latents when ``source`` is a latent cache."""
     from mardini.data import train_loader
 
-    url = cfg.data.shards or join(store, "shards", cfg.data.dataset)
+    url = source or shards_url(cfg, store)
     loader = train_loader(
         url,
         split=cfg.data.train_split,
@@ -178,6 +210,16 @@ def tokens_per_sample(model: MarDini, stage: StageConfig) -> int:
     return {"mar": lo, "dm": hi, "joint": lo + hi, "autoencoder": hi}[stage.kind]
 
 
+def flops_per_sample(model: MarDini, stage: StageConfig) -> int | None:
+    """Analytic model FLOPs (forward + backward) of one clip in this stage; None for the
+    autoencoder stage, which the count does not cover."""
+    if stage.kind not in KIND_PARTS:
+        return None
+    return train_flops(
+        model.cfg, stage.kind, stage.frames, stage.resolution, 1, stage.generator_attention
+    )
+
+
 # ----------------------------------------------------------------------------- the job
 
 
@@ -204,6 +246,10 @@ def train_stage(
     if stage.init_from:
         load_init(model, stage.init_from, store, cfg.name)
     parts = freeze_for(model, stage.kind)
+    # Before ZeRO-3 partitions the weights: the cache must match this model's autoencoder.
+    source = None
+    if cfg.data.latents and stage.kind != "autoencoder":  # that stage needs pixels
+        source = latent_source(cfg, stage, store, model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt_cfg = stage.optimizer
     optimizer = torch.optim.AdamW(
@@ -257,8 +303,9 @@ def train_stage(
             if config_path and Path(config_path).is_file():
                 tracker.artifact(config_path, "config")
 
+    batches = train_batches(cfg, stage, store, rank, world, start_step, source)
     losses = _loop(
-        engine, scheduler, cfg, stage, store, rank, world, device, start_step, ckpt, tracker
+        engine, scheduler, cfg, stage, batches, rank, world, device, start_step, ckpt, tracker
     )
 
     # Consolidate the ZeRO-3 shards into one set of full weights on rank 0.
@@ -285,13 +332,13 @@ def train_stage(
 
 
 def _loop(
-    engine, scheduler, cfg, stage, store, rank, world, device, start_step, ckpt, tracker
+    engine, scheduler, cfg, stage, batches, rank, world, device, start_step, ckpt, tracker
 ) -> dict[int, float]:
     """The training loop from ``start_step`` to ``stage.steps``; returns rank 0's losses."""
     masks = MaskSampler(stage.mask.tasks, stage.mask.keep)
-    batches = train_batches(cfg, stage, store, rank, world, start_step)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokens = tokens_per_sample(engine.module, stage)
+    flops = flops_per_sample(engine.module, stage)
     samples_per_step = stage.micro_batch * stage.grad_accum * world
     progress = _Progress(rank == 0, stage, start_step)
     losses: dict[int, float] = {}
@@ -302,9 +349,15 @@ def _loop(
         gen = step_generator(cfg.seed, rank, step)
         total = torch.zeros((), device=device)
         for _ in range(stage.grad_accum):
-            video = next(batches).to(device=device, dtype=dtype, non_blocking=True)
-            mask = masks.sample(video.shape[0], video.shape[1], generator=gen).to(device)
+            item = next(batches)
             kwargs = {"generator": gen} if stage.kind != "autoencoder" else {}
+            if isinstance(item, tuple):  # cached latents: the autoencoder is skipped
+                hi, lo = (z.to(device=device, dtype=dtype, non_blocking=True) for z in item)
+                video, kwargs["latents"], (b, t) = None, (hi, lo), hi.shape[:2]
+            else:
+                video = item.to(device=device, dtype=dtype, non_blocking=True)
+                b, t = video.shape[:2]
+            mask = masks.sample(b, t, generator=gen).to(device)
             if stage.kind not in ("autoencoder", "mar") and stage.generator_attention:
                 kwargs["attention"] = stage.generator_attention
             loss = engine(video, mask, kind=stage.kind, **kwargs)["loss"]
@@ -335,6 +388,13 @@ def _loop(
                 "tokens_per_s": samples_per_step * tokens / seconds,
                 "peak_memory_mb": peak_memory_mb(device),
             }
+            if flops is not None:
+                # Model FLOPs per device (mardini/models/flops.py); MFU where the peak is known.
+                achieved = samples_per_step * flops / seconds / world
+                metrics["tflops_per_s"] = achieved / 1e12
+                utilisation = mfu(achieved, 1.0, device)
+                if utilisation is not None:
+                    metrics["mfu"] = utilisation
             tracker.metrics(metrics, step=done)
         progress.update(done, mean_loss)
         if done % stage.checkpoint_every == 0 or done == stage.steps:

@@ -1,0 +1,187 @@
+"""Precompute autoencoder latents of every sharded clip, beside the mp4 shards.
+
+For each mp4 shard ``{shards}/{split}/shard-X.tar`` one latent shard
+``{cache}/{split}/shard-X.tar`` (layout and sample format: ``mardini/data/latents.py``).
+Every frame of a clip is decoded at the cache resolution and encoded at both resolutions with
+``mardini.autoencoder.encode_pair``, the function the model itself calls, so training from the
+cache sees the latents it would have computed.
+
+Resumable and idempotent: a latent shard is staged locally and published in one step, and an
+existing one is skipped (mp4 shard names are content keys, so a name means one content).
+``latents.json`` is written last; latent shards whose mp4 shard is gone are then deleted.
+A cache of another dtype at the same place is refused unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import posixpath
+import tarfile
+import tempfile
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from data_prep.config import PrepError
+from data_prep.shards import (
+    SHARD_GLOB,
+    STAGING_PREFIX,
+    is_local,
+    publish,
+    read_json,
+    tar_add,
+    write_json,
+)
+from mardini.autoencoder import Autoencoder, encode_pair, fingerprint
+from mardini.data.clips import ClipSpec, clip_info, decode_clip
+from mardini.data.latents import CACHE_RECORD, DTYPES, HI, LO, cache_url, to_npy
+from mardini.data.shards import shard_samples
+from mardini.storage import filesystem, join
+
+log = logging.getLogger(__name__)
+
+ShardCallback = Callable[[str, int, bool], None]  # (shard URL, clips, skipped)
+
+
+def _split_shards(shards: str, split: str) -> list[str]:
+    """Sorted mp4 shard URLs of one split (empty when the split does not exist)."""
+    fs, path = filesystem(join(shards, split))
+    found = sorted(fs.glob(join(path, SHARD_GLOB)))
+    return [p if "://" not in shards else fs.unstrip_protocol(p) for p in found]
+
+
+def encode_shard(
+    src: str,
+    dst: str,
+    autoencoder: Autoencoder,
+    planner_downscale: int,
+    resolution: int,
+    dtype: str,
+    device: torch.device,
+) -> int:
+    """Write the latent shard of one mp4 shard; returns its clip count."""
+    count = 0
+    fs, path = filesystem(dst)
+    # Staged beside the target on a local disk (a rename publishes it), else in a temp dir.
+    staging = os.path.dirname(path) if is_local(fs) else tempfile.gettempdir()
+    os.makedirs(staging, exist_ok=True)
+    staged = os.path.join(staging, f"{STAGING_PREFIX}{posixpath.basename(path)}.{uuid.uuid4().hex}")
+    try:
+        with tarfile.open(staged, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for sample in shard_samples(src):
+                info = clip_info(sample)
+                spec = ClipSpec(frames=info.frames, resolution=resolution, fps=info.fps)
+                video = decode_clip(sample, spec)[None].to(device)  # 1 T 3 H W
+                hi, lo = encode_pair(autoencoder, video, planner_downscale)
+                meta = json.loads(sample["json"])
+                meta["latents"] = {
+                    "resolution": resolution,
+                    "planner_downscale": planner_downscale,
+                    "dtype": dtype,
+                    "hi_shape": list(hi.shape[1:]),
+                    "lo_shape": list(lo.shape[1:]),
+                }
+                key = sample["__key__"]
+                tar_add(tar, f"{key}.{HI}", to_npy(hi[0], dtype))
+                tar_add(tar, f"{key}.{LO}", to_npy(lo[0], dtype))
+                tar_add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+                count += 1
+        publish(staged, dst)
+    finally:
+        if os.path.exists(staged):  # failed before publishing
+            os.remove(staged)
+    return count
+
+
+def cache_latents(
+    shards: str,
+    autoencoder: Autoencoder,
+    *,
+    planner_downscale: int,
+    resolution: int,
+    splits: tuple[str, ...] = ("train", "val"),
+    dtype: str = "float32",
+    device: torch.device | str = "cpu",
+    overwrite: bool = False,
+    on_plan: Callable[[int], None] | None = None,
+    on_shard: ShardCallback | None = None,
+) -> dict[str, Any]:
+    """Cache the latents of every clip of ``{shards}/{split}``; returns the ``latents.json``."""
+    if dtype not in DTYPES:
+        raise PrepError(f"latent dtype {dtype!r}: use one of {DTYPES}")
+    device = torch.device(device)
+    autoencoder = autoencoder.to(device).eval()
+    key = fingerprint(autoencoder, planner_downscale)
+    url = cache_url(shards, resolution, key)
+    record_url = join(url, CACHE_RECORD)
+    old = read_json(record_url)
+    fs, root = filesystem(url)
+    if old is not None and old.get("dtype") != dtype:
+        if not overwrite:
+            raise PrepError(
+                f"{url} holds {old.get('dtype')} latents, asked for {dtype}: pass the same dtype, "
+                "or --overwrite to delete that cache first"
+            )
+        fs.rm(root, recursive=True)
+
+    plan = {split: _split_shards(shards, split) for split in splits}
+    if not any(plan.values()):
+        raise PrepError(
+            f"no mp4 shards under {shards}/{{{','.join(splits)}}}: run `mardini prep shard` first"
+        )
+    if on_plan is not None:
+        on_plan(sum(len(v) for v in plan.values()))
+    record: dict[str, Any] = {
+        "source": shards,
+        "url": url,
+        "fingerprint": key,
+        "autoencoder": type(autoencoder).__name__,
+        "planner_downscale": planner_downscale,
+        "resolution": resolution,
+        "dtype": dtype,
+        "splits": {},
+    }
+    for split, sources in plan.items():
+        done = {
+            s["name"]: s for s in (old or {}).get("splits", {}).get(split, {}).get("shards", [])
+        }
+        entries = []
+        for src in sources:
+            name = posixpath.basename(src)
+            dst = join(url, split, name)
+            skipped = fs.exists(filesystem(dst)[1])
+            if skipped:
+                clips = done[name]["clips"] if name in done else _count(dst)
+            else:
+                clips = encode_shard(
+                    src, dst, autoencoder, planner_downscale, resolution, dtype, device
+                )
+            entries.append({"name": name, "clips": clips})
+            if on_shard is not None:
+                on_shard(src, clips, skipped)
+        record["splits"][split] = {
+            "shards": entries,
+            "clips": sum(e["clips"] for e in entries),
+        }
+        _remove_stale(url, split, {e["name"] for e in entries})
+    record["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    write_json(record_url, record)
+    return record
+
+
+def _count(url: str) -> int:
+    return sum(1 for _ in shard_samples(url))
+
+
+def _remove_stale(url: str, split: str, keep: set[str]) -> None:
+    """Delete latent shards of mp4 shards that no longer exist (the dataset was re-cut)."""
+    fs, path = filesystem(join(url, split))
+    for found in fs.glob(join(path, SHARD_GLOB)):
+        if posixpath.basename(found) not in keep:
+            log.info("removing stale latent shard %s", found)
+            fs.rm(found)
