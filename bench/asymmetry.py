@@ -155,23 +155,31 @@ def _fmt_ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "-"
 
 
-def main() -> None:
+def parser_for(doc: str, frames: int, cpu_resolution: int, repeats: int):
+    """The options this benchmark and bench/generate.py share (GPU defaults when one is here)."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     on_gpu = torch.cuda.is_available()
     parser.add_argument("--preset", default="paper" if on_gpu else "tiny")
-    parser.add_argument("--frames", type=int, default=9)
-    parser.add_argument("--resolution", type=int, default=512 if on_gpu else 64)
+    parser.add_argument("--frames", type=int, default=frames)
+    parser.add_argument("--resolution", type=int, default=512 if on_gpu else cpu_resolution)
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps per clip")
-    parser.add_argument("--cfg-scale", type=float, default=1.0)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--device", default="cuda" if on_gpu else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16" if on_gpu else "fp32")
-    parser.add_argument("--train-depth-divisor", type=int, default=4 if on_gpu else 1)
     parser.add_argument("--backend", choices=["sdpa", "flex"], default="sdpa")
     parser.add_argument("--compile", action="store_true", help="torch.compile every block")
     parser.add_argument("--skip-memory", action="store_true")
+    return parser
+
+
+def main() -> None:
+    parser = parser_for(__doc__, frames=9, cpu_resolution=64, repeats=3)
+    parser.add_argument("--cfg-scale", type=float, default=1.0)
+    parser.add_argument(
+        "--train-depth-divisor", type=int, default=4 if torch.cuda.is_available() else 1
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]

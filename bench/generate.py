@@ -17,33 +17,19 @@ temporal-attention generator at 512 px. On CPU: the ``tiny`` preset at its own 3
 
 from __future__ import annotations
 
-import argparse
 import time
 import warnings
 
 import torch
-from asymmetry import Workload, peak_memory_mib  # bench/ is the script's directory
+from asymmetry import Workload, parser_for, peak_memory_mib  # bench/ is the script's directory
 
 from mardini.config import ModelConfig
 from mardini.models.flops import sample_flops
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    on_gpu = torch.cuda.is_available()
-    parser.add_argument("--preset", default="paper" if on_gpu else "tiny")
-    parser.add_argument("--frames", type=int, default=13)
-    parser.add_argument("--resolution", type=int, default=512 if on_gpu else 32)
-    parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    parser = parser_for(__doc__, frames=13, cpu_resolution=32, repeats=2)
     parser.add_argument("--cfg-scales", type=float, nargs="+", default=[1.0, 2.5])
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--device", default="cuda" if on_gpu else "cpu")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16" if on_gpu else "fp32")
-    parser.add_argument("--backend", choices=["sdpa", "flex"], default="sdpa")
-    parser.add_argument("--compile", action="store_true", help="torch.compile every block")
-    parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]

@@ -56,6 +56,29 @@ def resolve_config(config: str, overrides: list[str], store: str) -> tuple[Curri
     return load_config(path), str(path)
 
 
+@task(name="cache-latents", cache_policy=NO_CACHE, retries=1)
+def cache_stage_latents(cfg: CurriculumConfig, stage: str, store: str) -> str:
+    """Write (or resume) the latent cache a ``data.latents`` stage trains from; returns its URL.
+
+    Runs where the flow runs (the Prefect worker), on its GPU if it has one; for a large
+    dataset on a cluster, run ``mardini prep latents`` as a GPU job first and this finds it done.
+    """
+    from data_prep.latents import cache_latents
+    from mardini.train.checkpoint import stage_autoencoder
+    from mardini.train.engine import shards_url
+
+    st = cfg.stage(stage)
+    autoencoder = stage_autoencoder(cfg, st, store)
+    record = cache_latents(
+        shards_url(cfg, store),
+        autoencoder,
+        planner_downscale=cfg.model.planner_downscale,
+        resolution=st.resolution,
+        splits=(cfg.data.train_split,),
+    )
+    return record["url"]
+
+
 @task(name="train-stage", cache_policy=NO_CACHE)
 def train_stage(
     config_path: str,
@@ -190,6 +213,9 @@ def train_curriculum(
                 logger.info("stage %s already promoted (version %s): skipped", stage.name, done)
                 promoted[stage.name] = done
                 continue
+            if cfg.data.latents and stage.kind != "autoencoder":
+                url = cache_stage_latents(cfg, stage.name, store)
+                logger.info("stage %s: latents cached at %s", stage.name, url)
             logger.info("stage %s: training (%s launcher)", stage.name, launcher)
             meta = train_stage(
                 config_path,

@@ -3,6 +3,7 @@ SQLite MLflow registry, Prefect's test harness; a failing gate; a crashing rank.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import psutil
@@ -88,10 +89,16 @@ def test_every_stage_promoted_and_champion_set(tmp_path, train_shards, mlflow_ur
 
 
 def test_failed_gate_stops_the_flow_and_a_rerun_resumes(tmp_path, train_shards, mlflow_uri):
-    config = _config(tmp_path, train_shards, "flow-gate")
+    # This curriculum trains from cached latents: the flow writes the cache before each stage.
+    shards = tmp_path / "shards"
+    shutil.copytree(train_shards, shards)
+    config = _config(tmp_path, str(shards), "flow-gate")
     store = str(tmp_path / "store")
     state = train_curriculum(
-        config=config, store=store, overrides=["stages.dm.gates.0.max=1e-9"], return_state=True
+        config=config,
+        store=store,
+        overrides=["stages.dm.gates.0.max=1e-9", "data.latents=true"],
+        return_state=True,
     )
     assert state.is_failed()
     message = str(state.result(raise_on_failure=False))
@@ -105,7 +112,10 @@ def test_failed_gate_stops_the_flow_and_a_rerun_resumes(tmp_path, train_shards, 
         Path(store) / "runs" / "flow-gate" / "joint-interpolation"
     ).exists()  # never launched
 
-    promoted = train_curriculum(config=config, store=store, overrides=["stages.dm.gates.0.max=10"])
+    assert len(list(shards.glob("latents/32px-*/train/shard-*.tar"))) == 2
+    promoted = train_curriculum(
+        config=config, store=store, overrides=["stages.dm.gates.0.max=10", "data.latents=true"]
+    )
     assert alias_version(client, name, "champion") == promoted["joint-i2v"]
     runs = _stage_runs(mlflow_uri, "flow-gate")
     assert len(runs["mar"]) == 1  # the rerun skipped the promoted stage
