@@ -37,7 +37,7 @@ clean:
 # shell: PREFECT_API_URL=http://127.0.0.1:4200/api .venv/bin/prefect deployment run train-curriculum/local
 PREFECT_PORT ?= 4200
 serve: $(STAMP)
-	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) & server=$$!; \
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) & server=$$!; \
 	trap "kill $$server" EXIT INT TERM; \
 	until $(BIN)/python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$(PREFECT_PORT)/api/health')" 2>/dev/null; do sleep 1; done; \
 	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/python -m pipelines.serve

@@ -64,6 +64,8 @@ def run_workflow_demo(
     # Prefect's ephemeral API server gets 20 s to start by default: too little on a busy 2-core
     # machine (seen here); the flow runs against it when PREFECT_API_URL is unset.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    # Its telemetry call has no network to reach and would print an ERROR in a working demo.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     store = store_root(store)
     cfg = load_config(config)
     seconds: dict[str, float] = {}
