@@ -179,9 +179,10 @@ def _count(url: str) -> int:
 
 
 def _remove_stale(url: str, split: str, keep: set[str]) -> None:
-    """Delete latent shards of mp4 shards that no longer exist (the dataset was re-cut)."""
+    """Delete latent shards of mp4 shards that no longer exist (the dataset was re-cut), and
+    staging files a killed run left on a local disk."""
     fs, path = filesystem(join(url, split))
-    for found in fs.glob(join(path, SHARD_GLOB)):
+    for found in fs.glob(join(path, SHARD_GLOB)) + fs.glob(join(path, STAGING_PREFIX + "*")):
         if posixpath.basename(found) not in keep:
             log.info("removing stale latent shard %s", found)
             fs.rm(found)

@@ -124,12 +124,14 @@ def test_rerun_skips_done_shards_and_refuses_another_dtype(tmp_path, shards):
     gone = sorted(before)[0]
     fs.rm(gone)
     fs.pipe_file(f"{root}/train/shard-deadbeef-000.tar", b"stale")
+    fs.pipe_file(f"{root}/train/.shard-deadbeef-000.tar.0123", b"staged by a killed run")
     again = cache_latents(
         shards, ae, planner_downscale=2, resolution=32, on_shard=lambda u, n, s: seen.append(s)
     )
     assert sorted(seen) == [False, True, True, True]  # only the missing shard was encoded
     after = {p: fs.cat_file(p) for p in fs.glob(f"{root}/*/shard-*.tar")}
     assert after == before  # same bytes, stale shard deleted
+    assert fs.glob(f"{root}/train/.shard-*") == []
     assert {k: v for k, v in again.items() if k != "created"} == {
         k: v for k, v in first.items() if k != "created"
     }
