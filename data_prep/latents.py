@@ -40,7 +40,7 @@ from data_prep.shards import (
 from mardini.autoencoder import Autoencoder, encode_pair, fingerprint
 from mardini.data.clips import ClipSpec, clip_info, decode_clip
 from mardini.data.latents import CACHE_RECORD, DTYPES, HI, LO, cache_url, to_npy
-from mardini.data.shards import shard_samples
+from mardini.data.shards import list_shards, shard_samples
 from mardini.storage import filesystem, join
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,11 @@ ShardCallback = Callable[[str, int, bool], None]  # (shard URL, clips, skipped)
 
 
 def _split_shards(shards: str, split: str) -> list[str]:
-    """Sorted mp4 shard URLs of one split (empty when the split does not exist)."""
-    fs, path = filesystem(join(shards, split))
-    found = sorted(fs.glob(join(path, SHARD_GLOB)))
-    return [p if "://" not in shards else fs.unstrip_protocol(p) for p in found]
+    """Sorted mp4 shard URLs of one split (empty when the split has none)."""
+    try:
+        return list_shards(shards, split)
+    except FileNotFoundError:
+        return []
 
 
 def encode_shard(

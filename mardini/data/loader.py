@@ -173,7 +173,7 @@ class TrainClips(IterableDataset):
         shards = _deal(self.rank_shards, lane, self.lanes)
         return _Lane(shards, self.shuffle_buffer, f"{self._seed_key}/lane={lane}")
 
-    def batch(self, step: int, samples: list[RawSample]) -> Batch:
+    def batch(self, step: int, samples: list[RawSample]) -> Batch | LatentBatch:
         """Decode one step's raw samples, each at a window seeded by (seed, rank, step, item)."""
         starts = [
             random.Random(f"{self._seed_key}/step={step}/item={item}").randrange(
@@ -270,7 +270,8 @@ def train_batches(
     lanes: int = DEFAULT_LANES,
     split: str = "train",
 ) -> Iterator[Batch | LatentBatch]:
-    """Endless ``Batch(keys, video_BTCHW)`` of ``{shards}/{split}``, from step ``start_step``."""
+    """Endless ``Batch(keys, video_BTCHW)`` (``LatentBatch`` from a latent cache) of
+    ``{shards}/{split}``, from step ``start_step``."""
     urls = list_shards(shards, split)
     spec = ClipSpec(frames=frames, resolution=resolution, fps=fps)
     _check_clips(urls[0], spec)
@@ -336,7 +337,8 @@ def val_batches(
     workers: int = 0,
     split: str = "val",
 ) -> Iterator[Batch | LatentBatch]:
-    """One ordered pass of ``Batch(keys, video_BTCHW)`` over this rank's share of the split."""
+    """One ordered pass of ``Batch(keys, video_BTCHW)`` (``LatentBatch`` from a latent cache)
+    over this rank's share of the split."""
     urls = list_shards(shards, split)
     spec = ClipSpec(frames=frames, resolution=resolution, fps=fps)
     _check_clips(urls[0], spec)
