@@ -53,6 +53,14 @@ class GeneratorConfig(_Strict):
     # "temporal": attention across frames at each spatial position (the paper's default DM);
     # "spatiotemporal": full attention over all tokens of all frames (the paper's /ST variant).
     attention: Literal["temporal", "spatiotemporal"] = "spatiotemporal"
+    # A direct path from the reference frames to every generated frame (not in the paper):
+    # each frame's nearest reference frame before and after it, with their distances, enter its
+    # tokens as extra input channels, and the x0 prediction is their linear blend (a copy of
+    # the one reference where a frame has one side only) plus learned corrections, per frame
+    # and per pixel, that start at zero. Without it, reference content reaches a noised frame
+    # only through attention that must first learn to route it, which small models trained
+    # briefly never did (issue 12; measured with bench/quality.py). Needs ``prediction: x0``.
+    reference_path: bool = False
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> GeneratorConfig:
@@ -99,6 +107,18 @@ class ModelConfig(_Strict):
     # "flow": rectified flow (x_t = (1-t) x + t eps, predict eps - x);
     # "v": the paper's v-prediction on a cosine schedule, sampled with DDIM.
     objective: Literal["flow", "v"] = "flow"
+    # What the generator outputs: "velocity" (the paper's v; eps - x for rectified flow), or
+    # "x0", the clean frames, turned into the velocity through the schedule (as in JiT, Li & He
+    # 2025): at high noise a velocity model must reproduce its own noisy input exactly, and in
+    # pixel space what it fails to reproduce stays in the sample as noise.
+    prediction: Literal["velocity", "x0"] = "velocity"
+    # Where the generator's loss is measured: "velocity" (the paper's) or "x0" (the clean
+    # frames' error, every noise level weighted alike); and how the clips of a batch combine:
+    # "mean" squared error, or "log": the mean over clips of log(MSE + 1e-3), so each clip's
+    # *relative* error counts, as in a mean PSNR. With "mean", clips with fast motion (large,
+    # irreducible errors) dominate and slow clips are never rendered precisely.
+    loss_space: Literal["velocity", "x0"] = "velocity"
+    loss_reduction: Literal["mean", "log"] = "mean"
     # Probability of replacing the planning signals by the learned null during training (CFG).
     cfg_dropout: float = Field(0.1, ge=0.0, le=1.0)
     activation_checkpointing: bool = False
@@ -110,6 +130,15 @@ class ModelConfig(_Strict):
     # backend: "inductor" for speed on a GPU, "aot_eager" to trace without code generation.
     compile: bool = False
     compile_backend: str = "inductor"
+
+    @model_validator(mode="after")
+    def _reference_path_predicts_x0(self) -> ModelConfig:
+        if self.generator.reference_path and self.prediction != "x0":
+            raise ValueError(
+                "generator.reference_path adds reference frames to an x0 prediction: "
+                "set prediction: x0 (or reference_path: false)"
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -193,6 +222,9 @@ class DataConfig(_Strict):
     # Train on latents precomputed by `mardini prep latents` (under {shards}/latents/) instead
     # of decoding mp4 clips and running the autoencoder every step; eval still reads mp4.
     latents: bool = False
+    # Mirror, reverse and recolour training clips (mardini/data/augment.py); pixel clips only:
+    # with ``latents`` on, only time reversal applies (exact for a per-frame autoencoder).
+    augment: bool = False
     # Debugging aid: train on the first batch over and over (a loss that does not fall here
     # means a bug, not a data problem).
     overfit_batch: bool = False

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from mardini.diffusion import FlowSchedule, VSchedule, masked_mse, sample_loop
+from mardini.diffusion.loss import LOG_FLOOR
 
 
 @pytest.mark.parametrize("schedule", [FlowSchedule(), VSchedule()], ids=["flow", "v"])
@@ -26,6 +29,38 @@ def test_logit_normal_times_concentrate_in_the_middle():
     assert 0 < t.min() and t.max() < 1
     assert abs(t.mean().item() - 0.5) < 0.01
     assert ((t > 0.25) & (t < 0.75)).float().mean() > 0.6  # uniform would give 0.5
+
+
+@pytest.mark.parametrize("schedule", [FlowSchedule(), VSchedule()], ids=["flow", "v"])
+def test_velocity_from_x0_splits_back_to_x0(schedule):
+    x_t, x0 = torch.randn(2, 3, 2, 4, 4), torch.randn(2, 3, 2, 4, 4)
+    t = torch.tensor([[0.05, 0.5, 0.999], [0.3, 0.7, 0.9]])
+    v = schedule.velocity_from_x0(x_t, x0, t)
+    torch.testing.assert_close(schedule.split(x_t, v, t)[0], x0, atol=1e-4, rtol=1e-4)
+    # Clean frames (t = 0, the references) stay finite.
+    assert torch.isfinite(schedule.velocity_from_x0(x_t, x0, torch.zeros(2, 3))).all()
+
+
+def test_log_reduction_weighs_every_clip_by_its_relative_error():
+    pred = torch.zeros(2, 3, 1, 2, 2)
+    target = torch.ones(2, 3, 1, 2, 2)
+    target[1] *= 10.0  # clip 1's error is 100x clip 0's
+    target[:, 0] = 1000.0  # reference frames do not count
+    mask = torch.tensor([[True, False, False], [True, False, False]])
+    expected = (math.log(1.0 + LOG_FLOOR) + math.log(100.0 + LOG_FLOOR)) / 2
+    assert masked_mse(pred, target, mask, "log").item() == pytest.approx(expected, rel=1e-5)
+    # Halving clip 0's error lowers the log loss as much as halving clip 1's; not so the mean.
+    drops = {}
+    for reduction in ("log", "mean"):
+        base = masked_mse(pred, target, mask, reduction).item()
+        for clip in (0, 1):
+            halved = pred.clone()
+            halved[clip] = target[clip] * (1 - math.sqrt(0.5))  # squared error x 0.5
+            drops[reduction, clip] = base - masked_mse(halved, target, mask, reduction).item()
+    assert drops["log", 0] == pytest.approx(drops["log", 1], rel=1e-2)
+    assert drops["mean", 1] > 50 * drops["mean", 0]
+    with pytest.raises(ValueError, match="reduction"):
+        masked_mse(pred, target, mask, "sum")
 
 
 def test_masked_mse_ignores_reference_frames():

@@ -8,6 +8,7 @@ import torch
 from mardini.config import ModelConfig
 from mardini.masking import expansion_mask, i2v_mask, interpolation_mask, random_mask
 from mardini.models import KINDS, PRESETS, build_model
+from mardini.models.generator import neighbour_references
 
 SIZE = {"debug": 32, "tiny": 32}
 MASKS = {
@@ -96,11 +97,18 @@ def _capture_block_outputs(module_list):
     return outputs, hooks
 
 
+@pytest.mark.parametrize("reference_path", [False, True], ids=["attention", "reference_path"])
 @pytest.mark.parametrize("attention", ["temporal", "spatiotemporal"])
-def test_identity_attention_in_generator(attention):
+def test_identity_attention_in_generator(attention, reference_path):
     torch.manual_seed(0)
     # Perturbed: non-zero modulation and outputs, so every sublayer actually contributes.
-    model = _perturbed(build_model(ModelConfig(preset="debug", cfg_dropout=0.0))).eval()
+    cfg = ModelConfig(
+        preset="debug",
+        cfg_dropout=0.0,
+        prediction="x0" if reference_path else "velocity",
+        generator={"reference_path": reference_path},
+    )
+    model = _perturbed(build_model(cfg)).eval()
     frames, size = 5, 32
     mask = torch.tensor([[True, False, True, False, False], [False, True, False, False, True]])
     is_ref = mask.repeat_interleave((size // model.cfg.generator.patch) ** 2, dim=1)
@@ -225,3 +233,50 @@ def test_sample_ignores_masked_frame_content(models):
     a = model.sample(video, mask, steps=2, generator=g())
     b = model.sample(other, mask, steps=2, generator=g())
     assert torch.equal(a[:, 1:3], b[:, 1:3])
+
+
+def test_neighbour_references_are_the_nearest_reference_on_each_side():
+    frames = torch.arange(6.0).view(1, 6, 1, 1, 1).expand(1, 6, 1, 2, 2) + 1  # frame i is i + 1
+    mask = torch.tensor([[False, True, False, False, True, False]])
+    before, after, d_before, d_after = neighbour_references(frames, mask)
+    # Frame values of the reference before / after each frame (0: there is none).
+    assert before[0, :, 0, 0, 0].tolist() == [0, 2, 2, 2, 5, 5]
+    assert after[0, :, 0, 0, 0].tolist() == [2, 2, 5, 5, 5, 0]
+    # Distances in clip lengths; 1 where there is no reference on that side; 0 on a reference.
+    torch.testing.assert_close(d_before[0], torch.tensor([6, 0, 1, 2, 0, 1]) / 6)
+    torch.testing.assert_close(d_after[0], torch.tensor([1, 0, 2, 1, 0, 6]) / 6)
+
+
+def test_untrained_reference_path_predicts_the_linear_blend_and_needs_x0():
+    torch.manual_seed(0)
+    cfg = ModelConfig(preset="debug", prediction="x0", generator={"reference_path": True})
+    model = build_model(cfg)
+    # Interpolation (frames 0 and 4 given) and image-to-video (frame 0 given).
+    mask = torch.tensor([[True, False, False, False, True], [True, False, False, False, False]])
+    hi, _ = model.encode(_video(32, 5))
+    x_t = torch.where(mask[..., None, None, None], hi, torch.randn_like(hi))
+    with torch.no_grad():
+        out = model.generator(x_t, torch.where(mask, 0.0, 1.0), mask)
+    # Zero-initialised corrections: the x0 prediction is the blend, or a copy of the one reference.
+    for k in range(1, 4):
+        torch.testing.assert_close(out[0, k], (1 - k / 4) * hi[0, 0] + k / 4 * hi[0, 4])
+        torch.testing.assert_close(out[1, k], hi[1, 0])
+    with pytest.raises(ValueError, match="prediction: x0"):
+        ModelConfig(preset="debug", generator={"reference_path": True})
+
+
+def test_x0_prediction_samples_through_the_velocity_it_implies():
+    torch.manual_seed(0)
+    model = _perturbed(build_model(ModelConfig(preset="debug", prediction="x0"))).eval()
+    video, mask = _video(32, 4, batch=1), interpolation_mask(4, batch=1)
+    hi, _ = model.encode(video)
+    x_t = torch.where(mask[..., None, None, None], hi, torch.randn_like(hi))
+    t_BT = torch.where(mask, 0.0, 0.6)
+    with torch.no_grad():
+        x0 = model.generator(x_t, t_BT, mask)
+        v = model.velocity(x_t, t_BT, mask)
+    masked = ~mask[..., None, None, None].expand_as(hi)
+    torch.testing.assert_close(model.schedule.split(x_t, v, t_BT)[0][masked], x0[masked])
+    out = model.sample(video, mask, kind="dm", steps=3, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[:, [0, 3]], video[:, [0, 3]])

@@ -16,6 +16,9 @@ import math
 
 import torch
 
+# Smallest noise coefficient ``b(t)`` an x0 prediction is divided by (see velocity_from_x0).
+MIN_NOISE = 1e-4
+
 
 class Schedule:
     """Interface: ``coefficients(t) -> (a, b)``, velocity target and inversion."""
@@ -47,6 +50,18 @@ class Schedule:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Recover the predicted clean sample and noise ``(x, eps)`` from ``x_t`` and ``v``."""
         raise NotImplementedError
+
+    def velocity_from_x0(
+        self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """The velocity whose ``split`` gives back ``x0`` (for an x0-predicting model).
+
+        ``eps = (x_t - a x0) / b``; ``b`` is floored at ``MIN_NOISE`` so clean frames (t = 0,
+        the references) stay finite; above that floor ``split(x_t, v, t)[0] == x0``.
+        """
+        a, b = self.coefficients(_expand(t, x_t))
+        eps = (x_t - a * x0) / b.clamp_min(MIN_NOISE)
+        return self.target(x0, eps, t)
 
 
 class FlowSchedule(Schedule):

@@ -8,7 +8,8 @@ What each stage kind gets (every name is a flat key of ``EvalResult.metrics``):
 
 Interpolation keeps the first and last frame of each clip; image-to-video keeps the first.
 ``{task}_psnr`` / ``{task}_ssim`` average the per-frame values over every generated frame of
-every clip; ``baseline_{nearest,blend}_{task}_{psnr,ssim}`` are the same numbers for the
+every clip; ``{task}_x0_psnr`` is the same for the model's one-call estimate from pure noise
+(``MarDini.predict_x0``: what it expects the frames to be, before sampling adds detail); ``baseline_{nearest,blend}_{task}_{psnr,ssim}`` are the same numbers for the
 baselines on the same clips (``mardini.eval.metrics``); ``{task}_seconds_per_frame`` is the
 sampling wall time per generated frame. ``fvd_{task}`` is a number only when an I3D
 TorchScript file is configured.
@@ -252,6 +253,14 @@ def evaluate(
                 generated[task] += int((~mask).sum())
                 track(f"{task}_psnr", psnr(sample, video), ~mask)
                 track(f"{task}_ssim", ssim(sample, video), ~mask)
+                # One model call from noise: the model's expected frames, before sampling.
+                estimate = model.predict_x0(
+                    video,
+                    mask.to(device),
+                    kind=sample_kind(meta),
+                    generator=torch.Generator().manual_seed(s.seed + index),
+                )
+                track(f"{task}_x0_psnr", psnr(estimate, video), ~mask)
                 columns = [video.cpu()]
                 for base in BASELINES:
                     filled = baseline(video.cpu(), mask, base)

@@ -30,6 +30,8 @@ HIGHER_IS_BETTER = (
     "interp_ssim",
     "i2v_psnr",
     "i2v_ssim",
+    "interp_x0_psnr",
+    "i2v_x0_psnr",
     "ae_psnr",
     "ae_ssim",
 )

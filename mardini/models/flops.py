@@ -152,8 +152,19 @@ def generator_flops(
         + _linear(rows, d, g.mlp)
         + _linear(rows, g.mlp, d)
     )
+    references = 0
+    if (
+        g.reference_path
+    ):  # ReferencePath: embedding, per-frame mix MLP (6 -> 64 -> 3), per-pixel mix
+        references = (
+            _linear(rows, g.patch**2 * (2 * c + 2), d)
+            + _linear(bt, 6, 64)
+            + _linear(bt, 64, 3)
+            + _linear(rows, d, g.patch**2 * 2)
+        )
     return (
-        _linear(rows, g.patch**2 * c, d)
+        references
+        + _linear(rows, g.patch**2 * c, d)
         + _linear(bt, _TIME_FREQ, d)
         + _linear(bt, d, d)
         + _linear(bt * m, e, d)  # planning signals -> generator width

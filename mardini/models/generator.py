@@ -19,6 +19,15 @@ Choices the paper leaves open, and ours:
   stages without new parameters); reference frames get timestep 0 (they are clean);
 - the learned null planning signal is one vector of the planner's width, used for classifier-free
   guidance dropout and for ``dm`` stages that train without a planner.
+
+Not in the paper, behind ``reference_path`` (off in the paper presets; ``ReferencePath``): every
+frame also sees its nearest reference frame on each side as input channels, with their
+distances, and its x0 prediction is the linear blend of those two frames plus learned changes
+to their weights (per frame, from the distances, the noise level and how much the two
+references differ; per pixel, from the last hidden state) plus the transformer's own output.
+So carrying the references' content to the generated frames is there from the first step
+instead of being learned through attention, and training learns what to change in the blend.
+Measured in bench/quality.py (issue 12).
 """
 
 from __future__ import annotations
@@ -36,6 +45,102 @@ from mardini.models.planner import TimestepEmbedding, patchify, unpatchify
 
 def _modulate(x_BTND, shift_BTD, scale_BTD):
     return x_BTND * (1 + scale_BTD[:, :, None]) + shift_BTD[:, :, None]
+
+
+def neighbour_references(
+    x_BTCHW: torch.Tensor, frame_mask_BT: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each frame's nearest reference frame at or before it and at or after it.
+
+    Returns ``before``, ``after`` (``B T C H W``; zeros where there is none) and their distances
+    ``B T`` in clip lengths (0 for a reference frame itself, 1 where there is none). Reads only
+    reference frames, so it keeps Identity Attention's guarantee.
+    """
+    b, t = frame_mask_BT.shape
+    index = torch.arange(t, device=frame_mask_BT.device).expand(b, t)
+    far = 2 * t
+    before = torch.where(frame_mask_BT, index, -far).cummax(dim=1).values
+    after = torch.where(frame_mask_BT, index, far).flip(1).cummin(dim=1).values.flip(1)
+    has_before, has_after = before >= 0, after < t
+
+    def gather(pos_BT: torch.Tensor, ok_BT: torch.Tensor) -> torch.Tensor:
+        idx = pos_BT.clamp(0, t - 1)[..., None, None, None].expand_as(x_BTCHW)
+        return torch.where(ok_BT[..., None, None, None], x_BTCHW.gather(1, idx), 0.0)
+
+    one = torch.ones((), dtype=x_BTCHW.dtype, device=x_BTCHW.device)
+    dist_before = torch.where(has_before, (index - before).to(x_BTCHW.dtype) / t, one)
+    dist_after = torch.where(has_after, (after - index).to(x_BTCHW.dtype) / t, one)
+    return gather(before, has_before), gather(after, has_after), dist_before, dist_after
+
+
+def blend_weights(d_before_BT: torch.Tensor, d_after_BT: torch.Tensor):
+    """The weights of the linear-blend baseline: between two references, each weighted by the
+    distance to the other; next to one reference only, a copy of it; with none, nothing."""
+    has_before, has_after = d_before_BT < 1, d_after_BT < 1
+    total = (d_before_BT + d_after_BT).clamp_min(1e-6)
+    both = has_before & has_after
+    on_ref = both & (d_before_BT + d_after_BT == 0)  # a reference frame: itself, once
+    w_before = torch.where(both, d_after_BT / total, has_before.to(total))
+    w_after = torch.where(both, d_before_BT / total, (has_after & ~has_before).to(total))
+    half = torch.full_like(total, 0.5)
+    return torch.where(on_ref, half, w_before), torch.where(on_ref, half, w_after)
+
+
+class ReferencePath(nn.Module):
+    """A direct path from the reference frames to the generated frames' x0 prediction."""
+
+    # Adam moves a weight by about the learning rate per step, and the mixing weights start at
+    # zero and must reach about 1: at lr 1e-3 that takes ~1000 steps. Their outputs are scaled
+    # by GAIN so a short run gets there (measured: bench/quality.py, issue 12).
+    GAIN = 10.0
+
+    def __init__(self, in_channels: int, patch: int, width: int):
+        super().__init__()
+        self.patch = patch
+        # Neighbouring references (2 C channels) and their two distance maps, per patch.
+        self.embed = nn.Linear(patch * patch * (2 * in_channels + 2), width)
+        # Per frame: (distances, noise level, which sides exist, how much the two references
+        # differ) -> weights of the reference before, the one after, and the noisy input.
+        self.frame_mix = nn.Sequential(nn.Linear(6, 64), nn.SiLU(), nn.Linear(64, 3))
+        # Per pixel, from the last hidden state: corrections to the weights of both references.
+        self.pixel_mix = nn.Linear(width, patch * patch * 2)
+
+    def zero_init(self) -> None:
+        """The learned corrections start at zero: an untrained model's x0 prediction is the
+        linear blend of the references (a copy of the one reference next to a frame that has
+        only one, as in image-to-video), and training learns what to change in it."""
+        for layer in (self.frame_mix[-1], self.pixel_mix):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def tokens(self, x_t_BTCHW: torch.Tensor, frame_mask_BT: torch.Tensor):
+        """Token embeddings to add to the noisy frames' (``B L D``) and what ``mix`` needs."""
+        b, t, _, h, w = x_t_BTCHW.shape
+        before, after, d_before, d_after = neighbour_references(x_t_BTCHW, frame_mask_BT)
+        dist = torch.stack([d_before, d_after], dim=2)[..., None, None].expand(b, t, 2, h, w)
+        tokens = self.embed(patchify(torch.cat([before, after, dist], dim=2), self.patch))
+        return tokens, (before, after, d_before, d_after)
+
+    def mix(self, x_t_BTCHW, t_BT, hidden_BTnD, refs) -> torch.Tensor:
+        """The references' contribution to the x0 prediction, ``B T C H W``."""
+        before, after, d_before, d_after = refs
+        b, t, _, h, w = x_t_BTCHW.shape
+        both = (d_before < 1) & (d_after < 1)
+        # log mean squared difference of the two references, ~[-2, 0]: 0 where there is one.
+        differ = (before - after).pow(2).flatten(2).mean(2).add(1e-4).log() / 5
+        features = torch.stack(
+            [d_before, d_after, t_BT.to(d_before), d_before < 1, d_after < 1, both * differ],
+            dim=-1,
+        ).to(x_t_BTCHW.dtype)
+        w_BT3 = (self.frame_mix(features) * self.GAIN)[..., None, None, None]
+        pixel = rearrange(self.pixel_mix(hidden_BTnD) * self.GAIN, "b t n q -> b (t n) q")
+        pixel_BT2HW = unpatchify(pixel, t, h, w, self.patch)
+        prior_before, prior_after = (
+            p[..., None, None, None] for p in blend_weights(d_before, d_after)
+        )
+        w_before = prior_before + w_BT3[:, :, 0] + pixel_BT2HW[:, :, :1]
+        w_after = prior_after + w_BT3[:, :, 1] + pixel_BT2HW[:, :, 1:]
+        return w_before * before + w_after * after + w_BT3[:, :, 2] * x_t_BTCHW
 
 
 class GeneratorBlock(nn.Module):
@@ -99,6 +204,7 @@ class Generator(nn.Module):
         self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Linear(d, 2 * d)
         self.final = nn.Linear(d, p * p * in_channels)
+        self.references = ReferencePath(in_channels, p, d) if cfg.reference_path else None
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -118,6 +224,8 @@ class Generator(nn.Module):
         for layer in (self.final_ada, self.final):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        if self.references is not None:
+            self.references.zero_init()
 
     def null_planning(self, batch: int, frames: int) -> torch.Tensor:
         """The learned null planning signal as ``B T 1 E`` (one token per frame)."""
@@ -131,7 +239,8 @@ class Generator(nn.Module):
         plan_BTmE: torch.Tensor | None = None,
         attention: str | None = None,
     ) -> torch.Tensor:
-        """Predict the velocity of every frame (reference frames enter clean with t = 0).
+        """Predict every frame (reference frames enter clean with t = 0): its velocity, or its
+        clean content when the model predicts x0 (``MarDini`` converts).
 
         ``plan_BTmE`` None means null planning (the ``dm`` stages); ``attention`` overrides the
         config's ``temporal`` / ``spatiotemporal`` choice.
@@ -149,6 +258,9 @@ class Generator(nn.Module):
         plan_BTmD = self.plan_proj(plan_BTmE)
         cond_BTD = self.time(t_BT)
         x_BLD = self.patch_embed(patchify(x_t_BTCHW, p))
+        if self.references is not None:
+            ref_tokens_BLD, refs = self.references.tokens(x_t_BTCHW, frame_mask_BT)
+            x_BLD = x_BLD + ref_tokens_BLD
         is_ref_BL = frame_mask_BT.repeat_interleave(n, dim=1)
         angles = self.rope(t, h // p, w // p, device=x_BLD.device)
         for block in self.blocks:
@@ -159,4 +271,7 @@ class Generator(nn.Module):
                 x_BLD = block(*args)
         shift, scale = self.final_ada(F.silu(cond_BTD)).chunk(2, dim=-1)
         x = _modulate(rearrange(self.final_norm(x_BLD), "b (t n) d -> b t n d", t=t), shift, scale)
-        return unpatchify(rearrange(self.final(x), "b t n q -> b (t n) q"), t, h, w, p)
+        out = unpatchify(rearrange(self.final(x), "b t n q -> b (t n) q"), t, h, w, p)
+        if self.references is not None:
+            out = out + self.references.mix(x_t_BTCHW, t_BT, x, refs)
+        return out

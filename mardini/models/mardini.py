@@ -132,9 +132,19 @@ class MarDini(nn.Module):
         x_t = torch.where(
             frame_mask_BT[..., None, None, None], hi, self.schedule.add_noise(hi, eps, t_BT)
         )
-        v = self.generator(x_t, t_BT, frame_mask_BT, plan, attention)
-        target = self.schedule.target(hi, eps, t_BT)
-        return {"loss": masked_mse(v, target, frame_mask_BT)}
+        v = self.velocity(x_t, t_BT, frame_mask_BT, plan, attention)
+        if self.cfg.loss_space == "x0":
+            pred, target = self.schedule.split(x_t, v, t_BT)[0], hi
+        else:
+            pred, target = v, self.schedule.target(hi, eps, t_BT)
+        return {"loss": masked_mse(pred, target, frame_mask_BT, self.cfg.loss_reduction)}
+
+    def velocity(self, x_t_BTCHW, t_BT, frame_mask_BT, plan=None, attention=None) -> torch.Tensor:
+        """The generator's prediction as a velocity (converted when it predicts x0)."""
+        out = self.generator(x_t_BTCHW, t_BT, frame_mask_BT, plan, attention)
+        if self.cfg.prediction == "x0":
+            return self.schedule.velocity_from_x0(x_t_BTCHW, out, t_BT)
+        return out
 
     def _planner_loss(self, lo, frame_mask_BT, generator, t_B):
         plan_BTnD = self.planner(lo, frame_mask_BT)
@@ -184,9 +194,9 @@ class MarDini(nn.Module):
 
         def velocity(x_t, t_BT):
             if not guided:
-                return self.generator(x_t, t_BT, frame_mask_BT, plan, attention)
+                return self.velocity(x_t, t_BT, frame_mask_BT, plan, attention)
             null = self.generator.null_planning(*plan.shape[:2]).expand_as(plan).to(plan.dtype)
-            v = self.generator(
+            v = self.velocity(
                 torch.cat([x_t, x_t]),
                 torch.cat([t_BT, t_BT]),
                 torch.cat([frame_mask_BT] * 2),
@@ -201,6 +211,27 @@ class MarDini(nn.Module):
             velocity, self.schedule, hi, frame_mask_BT, noise, steps, solver, progress
         )
         out = self.autoencoder.decode(latents).clamp(-1, 1)
+        return torch.where(keep, video_BT3HW, out)
+
+    @torch.no_grad()
+    def predict_x0(
+        self,
+        video_BT3HW: torch.Tensor,
+        frame_mask_BT: torch.Tensor,
+        kind: str = "joint",
+        generator: torch.Generator | None = None,
+        attention: str | None = None,
+    ) -> torch.Tensor:
+        """One model call from pure noise (t = 1): the model's estimate of the masked frames'
+        expected content (what sampling starts from); reference frames come back as given."""
+        keep = frame_mask_BT[..., None, None, None]
+        video = torch.where(keep, video_BT3HW, torch.zeros_like(video_BT3HW))
+        hi, lo = self.encode(video)
+        plan = self.planner(lo, frame_mask_BT) if kind == "joint" else None
+        t_BT = (~frame_mask_BT).to(hi.dtype)
+        x_t = torch.where(keep, hi, _randn(hi.shape, hi, generator))
+        v = self.velocity(x_t, t_BT, frame_mask_BT, plan, attention)
+        out = self.autoencoder.decode(self.schedule.split(x_t, v, t_BT)[0]).clamp(-1, 1)
         return torch.where(keep, video_BT3HW, out)
 
     # ------------------------------------------------------------------ bookkeeping
