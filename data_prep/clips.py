@@ -9,6 +9,7 @@ one clip of frames whatever the video's length.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import io
 import logging
@@ -96,8 +97,16 @@ def split_score(name: str) -> float:
     return int(hashlib.sha256(name.encode()).hexdigest()[:16], 16) / 2**64
 
 
-def split_of(name: str, val_fraction: float) -> str:
-    """``"val"`` or ``"train"`` for a source, from its name alone (all its clips go together)."""
+def is_synthetic(name: str, cfg: PrepConfig) -> bool:
+    """Whether an input name matches one of ``cfg.synthetic``'s patterns."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in cfg.synthetic)
+
+
+def split_of(name: str, val_fraction: float, synthetic: bool = False) -> str:
+    """``"val"`` or ``"train"`` for a source, from its name alone (all its clips go together);
+    synthetic sources always train."""
+    if synthetic:
+        return "train"
     return "val" if split_score(name) < val_fraction else "train"
 
 
@@ -398,17 +407,20 @@ def _finish_clip(
         "frames": cfg.frames,
         "scene": stats["scenes"] - 1,
         "scores": {"motion": round(motion, 4)},
+        "synthetic": is_synthetic(inp.name, cfg),
     }
     return ClipRecord(key=key, path=path, meta=meta)
 
 
 def _new_entry(inp: InputFile, cfg: PrepConfig) -> dict[str, Any]:
     """A manifest entry for ``inp`` before any processing (accepted, no clips yet)."""
+    synthetic = is_synthetic(inp.name, cfg)
     return {
         "url": inp.url,
         "name": inp.name,
         "bytes": inp.size,
-        "split": split_of(inp.name, cfg.val_fraction),
+        "split": split_of(inp.name, cfg.val_fraction, synthetic),
+        "synthetic": synthetic,
         "status": "accepted",
         "reason": None,
         "detail": None,

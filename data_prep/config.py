@@ -33,6 +33,9 @@ class PrepConfig(BaseModel):
     size: int = Field(256, ge=16, multiple_of=2, description="square side (yuv420p needs even)")
     # ---- split: by a stable hash of the source's name, so no validation video feeds train
     val_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    # Input names (relative, fnmatch patterns) of synthetic videos: marked ``synthetic`` in the
+    # manifest and in every clip's json, and always in train, so validation stays real video.
+    synthetic: tuple[str, ...] = ()
     # ---- filters
     # Mean absolute difference of consecutive clip frames, as 8-bit grayscale on frames 64 px
     # wide. Frozen frames score 0; a talking head with sensor noise scores about 1-3.
@@ -62,13 +65,19 @@ class PrepConfig(BaseModel):
 
     def fingerprint(self) -> str:
         """Hash of every field that changes the output (not ``workers``): 16 hex characters."""
-        fields = self.model_dump(exclude=set(_RUNTIME_FIELDS))
+        fields = self.output_fields()
         text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def output_fields(self) -> dict[str, Any]:
-        """The fields the fingerprint covers (what a mismatch message compares)."""
-        return self.model_dump(exclude=set(_RUNTIME_FIELDS))
+        """The fields the fingerprint covers (what a mismatch message compares), as JSON types.
+
+        ``synthetic`` counts only when set, so datasets cut before it existed keep their
+        fingerprint."""
+        fields = self.model_dump(mode="json", exclude=set(_RUNTIME_FIELDS))
+        if not fields["synthetic"]:
+            del fields["synthetic"]
+        return fields
 
 
 def load_prep_config(path: str | Path | None = None, **overrides: Any) -> PrepConfig:

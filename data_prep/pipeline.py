@@ -407,6 +407,8 @@ def build_manifest(
             "accepted": accepted,
             "rejected": rejected,
             "clips": clips,
+            # Inputs made by data_prep.synthetic (always train; see PrepConfig.synthetic).
+            "synthetic": sum(bool(e.get("synthetic")) for e in entries),
             "shards": len(shards),
             "bytes": sum(s["bytes"] for s in shards),
             "rejected_by_reason": dict(

