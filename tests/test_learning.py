@@ -44,3 +44,39 @@ def test_golden_losses_of_debug_joint(clip):
     losses = fit(model, clip, "joint", steps=3, lr=1e-3, seed=7, masks=masks)
     print("golden joint losses:", [round(x, 6) for x in losses])
     assert losses == pytest.approx(GOLDEN_JOINT, abs=1e-4)
+
+
+# The learning test: tiny.yaml's dm stage, trained from scratch on the demo's training data (real
+# clips of two scenes and synthetic camera motion) for LEARN_STEPS steps at the batch of the
+# demo's 2-rank job, must still interpolate the held-out real video (bigbuckbunny, a scene it
+# never saw) above LEARN_MIN_PSNR while its training loss falls. The generator's reference path
+# starts as the linear blend of the references (27.6 dB here, nearest frame 25.9): this guards
+# that training keeps what generalises instead of fitting the training clips at its expense
+# (a model that learns nothing useful scores ~10-18 dB; issue 12's note). Measured on this code,
+# 2 cores: see the print (-s); the threshold sits between the nearest-frame baseline and that.
+LEARN_STEPS = 200
+LEARN_MIN_PSNR = 26.5
+
+
+@pytest.mark.slow
+def test_tiny_dm_stage_generalises_to_held_out_real_video(demo_store):
+    from mardini.config import load_config
+    from mardini.train.inprocess import evaluate_held_out, train_in_process
+    from tests.conftest import CONFIGS
+
+    cfg = load_config(CONFIGS / "tiny.yaml")
+    stage = cfg.stage("dm")
+    trained = train_in_process(cfg, stage, demo_store, steps=LEARN_STEPS, ranks=2)
+    metrics = evaluate_held_out(cfg, stage, trained.model, demo_store, clips=32)
+    first, last = trained.losses[:20], trained.losses[-20:]
+    print(
+        f"dm after {LEARN_STEPS} steps ({trained.seconds:.0f} s): training loss "
+        f"{sum(first) / 20:.3f} -> {sum(last) / 20:.3f}; held-out interp "
+        f"{metrics['interp_psnr']:.2f} dB (x0 estimate {metrics['interp_x0_psnr']:.2f}), nearest "
+        f"{metrics['baseline_nearest_interp_psnr']:.2f}, blend "
+        f"{metrics['baseline_blend_interp_psnr']:.2f}; i2v {metrics['i2v_psnr']:.2f} "
+        f"(nearest {metrics['baseline_nearest_i2v_psnr']:.2f})"
+    )
+    assert sum(last) < sum(first) - 20 * 0.3  # log loss: the training error fell by > 25 %
+    assert metrics["interp_psnr"] > LEARN_MIN_PSNR
+    assert metrics["interp_psnr"] > metrics["baseline_nearest_interp_psnr"]
