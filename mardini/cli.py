@@ -104,6 +104,15 @@ def _workflow_demo(config: str, store: str | None, out: Path) -> None:
     for stage, version in result.promoted.items():
         table.add_row(f"stage {stage}", f"promoted, model version {version}")
     table.add_row("curriculum", f"{result.seconds['curriculum']:.0f} s")
+    metrics = result.champion_metrics
+    for task, label in (("interp", "interpolation"), ("i2v", "image-to-video")):
+        if f"{task}_psnr" in metrics:
+            table.add_row(
+                f"champion {label}, held out",
+                f"model {metrics[f'{task}_psnr']:.2f} dB | nearest frame "
+                f"{metrics.get(f'baseline_nearest_{task}_psnr', float('nan')):.2f} | linear blend "
+                f"{metrics.get(f'baseline_blend_{task}_psnr', float('nan')):.2f}",
+            )
     table.add_row("champion interpolation", f"{result.video} ({result.seconds['generate']:.0f} s)")
     table.add_row("total", f"{total:.0f} s")
     table.add_row("MLflow UI", f".venv/bin/mlflow ui --backend-store-uri {result.tracking_uri}")

