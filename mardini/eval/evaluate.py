@@ -9,9 +9,10 @@ What each stage kind gets (every name is a flat key of ``EvalResult.metrics``):
 Interpolation keeps the first and last frame of each clip; image-to-video keeps the first.
 ``{task}_psnr`` / ``{task}_ssim`` average the per-frame values over every generated frame of
 every clip; ``{task}_x0_psnr`` is the same for the model's one-call estimate from pure noise
-(``MarDini.predict_x0``: what it expects the frames to be, before sampling adds detail); ``baseline_{nearest,blend}_{task}_{psnr,ssim}`` are the same numbers for the
-baselines on the same clips (``mardini.eval.metrics``); ``{task}_seconds_per_frame`` is the
-sampling wall time per generated frame. ``fvd_{task}`` is a number only when an I3D
+(``MarDini.predict_x0``: what it expects the frames to be, before sampling adds detail);
+``baseline_{nearest,blend}_{task}_{psnr,ssim}`` are the same numbers for the baselines on the
+same clips (``mardini.eval.metrics``); ``{task}_seconds_per_frame`` is the sampling wall time
+per generated frame. ``fvd_{task}`` is a number only when an I3D
 TorchScript file is configured.
 
 ``EvalResult.results()`` is the flat dict the gates read: every metric of
