@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +38,28 @@ PREFECT_SETTINGS = {
 }
 
 
+@contextmanager
+def prefect_settings() -> Iterator[None]:
+    """Run the block under the demo's Prefect settings, whenever ``prefect`` was imported.
+
+    Before Prefect's import they go into ``os.environ`` (a value the user exported wins); if it
+    was imported already (a test, a notebook), its own settings API applies them as defaults
+    for the block, which is also what the ephemeral server's subprocess inherits.
+    """
+    imported = "prefect" in sys.modules
+    for key, value in PREFECT_SETTINGS.items():
+        os.environ.setdefault(key, value)
+    import prefect.settings
+
+    if not imported:
+        yield
+        return
+    log.debug("prefect was imported before the demo: its settings go through temporary_settings")
+    defaults = {getattr(prefect.settings, key): value for key, value in PREFECT_SETTINGS.items()}
+    with prefect.settings.temporary_settings(set_defaults=defaults):
+        yield
+
+
 @dataclass
 class WorkflowDemo:
     """What the demo produced."""
@@ -55,16 +80,9 @@ def run_workflow_demo(
     nproc: int = 2,
 ) -> WorkflowDemo:
     """Shard, train the curriculum through Prefect, and generate from the champion."""
-    import sys
-
-    if "prefect" in sys.modules:
-        log.warning("prefect was imported before the demo set its settings; they may not apply")
-    for key, value in PREFECT_SETTINGS.items():
-        os.environ.setdefault(key, value)
     from data_prep.demo_data import demo_dataset
     from mardini.config import load_config
     from mardini.generate import SampleOptions, interpolate, load_model
-    from pipelines.curriculum_flow import train_curriculum
     from pipelines.promotion import registered_name
 
     store = store_root(store)
@@ -76,7 +94,12 @@ def run_workflow_demo(
     seconds["shard"] = time.monotonic() - start
 
     start = time.monotonic()
-    promoted = train_curriculum(config=config, launcher="local", store=store, nproc_per_node=nproc)
+    with prefect_settings():
+        from pipelines.curriculum_flow import train_curriculum
+
+        promoted = train_curriculum(
+            config=config, launcher="local", store=store, nproc_per_node=nproc
+        )
     seconds["curriculum"] = time.monotonic() - start
 
     start = time.monotonic()

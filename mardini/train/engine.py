@@ -111,8 +111,6 @@ def lr_lambda(stage: StageConfig):
 
 def init_distributed() -> tuple[int, int, torch.device]:
     """Join the process group torchrun set up: nccl on GPU, gloo on CPU (``DS_ACCELERATOR=cpu``)."""
-    import deepspeed
-
     if "RANK" not in os.environ:
         raise RuntimeError(
             "mardini.train runs under torchrun, e.g. `torchrun --nproc-per-node 2 -m mardini.train "
@@ -120,7 +118,10 @@ def init_distributed() -> tuple[int, int, torch.device]:
         )
     on_gpu = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
     if not on_gpu:
+        # Before the import: deepspeed picks (and caches) its accelerator when imported.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     if on_gpu:
