@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.config import PrepConfig
-from data_prep.pipeline import InputCallback, shard_videos
-from data_prep.shards import is_local
+from data_prep.pipeline import CONFIG_FILE, MANIFEST, InputCallback, dataset_url, shard_videos
+from data_prep.shards import is_local, read_json
 from data_prep.synthetic import PATTERN, write_synthetic_videos
-from mardini.storage import filesystem
+from mardini.storage import filesystem, join
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,17 @@ log = logging.getLogger(__name__)
 REAL_CLIPS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")
 # 8-frame clips at 64 px cover every tiny stage (the loader resizes to 32 px); a quarter of the
 # real sources (one of three: bigbuckbunny) is held out; synthetic sources always train.
-DEMO_PREP = {"frames": 8, "size": 64, "fps": 8.0, "val_fraction": 0.25, "synthetic": (PATTERN,)}
+# At most 128 clips a shard: the ~430 train clips make 4 or more train shards wherever the
+# content-defined chunk boundaries fall (they hash the inputs' URLs, and the synthetic videos'
+# URLs hold the store's path), so each of the demo's 2 ranks reads shards of its own.
+DEMO_PREP = {
+    "frames": 8,
+    "size": 64,
+    "fps": 8.0,
+    "val_fraction": 0.25,
+    "synthetic": (PATTERN,),
+    "shard_max_samples": 128,
+}
 # Synthetic videos per photograph (14 photographs, 64 frames each: 8 clips per video).
 PER_PHOTO = 4
 
@@ -68,6 +78,23 @@ def demo_dataset(
     inputs = real_clips() + [str(synthetic_root)]
     log.info("demo dataset: %d real and %d synthetic videos", len(REAL_CLIPS), len(synthetic))
     cfg = PrepConfig(**DEMO_PREP)
+    # The demo's data is made, not collected: shards cut with an older DEMO_PREP are cut again.
+    overwrite = _cut_differently(dataset_url(out, dataset), cfg)
     return shard_videos(
-        inputs, out=out, dataset=dataset, cfg=cfg, on_input=on_input, on_plan=on_plan
+        inputs,
+        out=out,
+        dataset=dataset,
+        cfg=cfg,
+        overwrite=overwrite,
+        on_input=on_input,
+        on_plan=on_plan,
     )
+
+
+def _cut_differently(url: str, cfg: PrepConfig) -> bool:
+    """True when ``url`` holds a dataset cut with another prep config than ``cfg``."""
+    record = read_json(join(url, CONFIG_FILE)) or read_json(join(url, MANIFEST))
+    if record is None or record.get("fingerprint") == cfg.fingerprint():
+        return False
+    log.info("%s was cut with older demo settings: cutting it again", url)
+    return True

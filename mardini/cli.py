@@ -89,11 +89,146 @@ def demo(
     console.print(table)
 
 
-def _workflow_demo(config: str, store: str | None, out: Path) -> None:
-    from mardini.workflow_demo import run_workflow_demo
+class StageConsole(logging.Handler):
+    """Draws ``mardini.progress`` events: one updating line per stage on a terminal (rich),
+    a few plain lines per stage otherwise; gate reports in full."""
 
+    def __init__(self, console: Console) -> None:
+        super().__init__(logging.INFO)
+        self.console = console
+        self.bars: Progress | None = None
+        self.tasks: dict[str, int] = {}
+        self.losses: dict[str, str] = {}
+        # Plain mode: (time, step) of a stage's first reported step, and its last printed quarter.
+        self.first: dict[str, tuple[float, int]] = {}
+        self.quarter: dict[str, int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from mardini.progress import event_of
+
+        event = event_of(record)
+        if event is None:
+            return
+        try:
+            if self.console.is_terminal:
+                self._draw(event)
+            else:
+                self._print(event)
+        except Exception:  # a broken console must not stop the training it reports on
+            self.handleError(record)
+
+    def stop(self) -> None:
+        """Stop the live display (the lines stay on screen) and stop listening.
+
+        Not ``close``: a library's ``logging.config.dictConfig`` (Prefect's, at import) closes
+        every existing handler and expects it to keep working."""
+        from mardini.progress import LOGGER
+
+        if self.bars is not None:
+            self.bars.stop()
+            self.bars = None
+        logging.getLogger(LOGGER).removeHandler(self)
+
+    def _draw(self, event) -> None:
+        from rich.progress import TimeRemainingColumn
+        from rich.text import Text
+
+        if self.bars is None:
+            self.bars = Progress(
+                TextColumn("{task.description:<20}"),
+                BarColumn(bar_width=30),
+                TextColumn("{task.completed:>4}/{task.total:<4}"),
+                TextColumn("{task.fields[info]:<40}"),
+                TimeRemainingColumn(elapsed_when_finished=True),
+                console=self.console,
+            )
+            self.bars.start()
+        if event.stage not in self.tasks:
+            total = event.total or 1
+            self.tasks[event.stage] = self.bars.add_task(event.stage, total=total, info="")
+        task = self.tasks[event.stage]
+        if event.loss is not None:
+            self.losses[event.stage] = f"loss {event.loss:.4f}"
+        loss = self.losses.get(event.stage)
+        if event.phase == "train":
+            info = loss or "training"
+            self.bars.update(task, total=event.total, completed=event.step or 0, info=info)
+            return
+        if event.phase == "gates":
+            self.bars.console.print(Text(event.text))
+            state = "gates passed" if event.passed else "gates FAILED"
+        else:
+            state = {"evaluate": "evaluating"}.get(event.phase, event.text)
+            self.bars.update(task, completed=self.bars.tasks[task].total or 1)
+        self.bars.update(task, info=" · ".join(part for part in (loss, state) if part))
+
+    def _print(self, event) -> None:
+        name = event.stage
+        if event.phase == "train" and event.step:
+            now = time.monotonic()
+            t0, s0 = self.first.setdefault(name, (now, event.step))
+            quarter = 4 * event.step // max(1, event.total or 1)
+            if quarter <= self.quarter.get(name, 0):
+                return
+            self.quarter[name] = quarter
+            eta = ""
+            if event.step > s0:
+                left = (now - t0) / (event.step - s0) * ((event.total or 0) - event.step)
+                eta = f", ETA {int(left) // 60}:{int(left) % 60:02d}"
+            line = f"{name}: step {event.step}/{event.total}, loss {event.loss:.4f}{eta}"
+        elif event.phase == "train":
+            line = f"{name}: training, {event.total} steps"
+        elif event.phase == "evaluate":
+            line = f"{name}: evaluating on the held-out clips"
+        elif event.phase == "gates":
+            line = event.text
+        else:
+            line = f"{name}: {event.phase}, {event.text}"
+        self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def _log_to_file(path: Path, console: Console) -> StageConsole:
+    """Send every log record to ``path``; the console shows only the stage progress events."""
+    from mardini.progress import LOGGER
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    if root.level == logging.NOTSET or root.level > logging.INFO:
+        root.setLevel(logging.INFO)  # --verbose keeps DEBUG
+    logging.captureWarnings(True)  # library warnings go to the file too
+    # A library that set up its own stderr handler before the demo could prevent it.
+    for name in ("mlflow", "py.warnings"):
+        logger = logging.getLogger(name)
+        for old in list(logger.handlers):
+            logger.removeHandler(old)
+        logger.propagate = True
+    stages = StageConsole(console)
+    logging.getLogger(LOGGER).addHandler(stages)
+    return stages
+
+
+def _workflow_demo(config: str, store: str | None, out: Path) -> None:
+    from mardini.workflow_demo import log_file, run_workflow_demo
+
+    path = log_file(store)
+    stages = _log_to_file(path, console)
+    console.print(f"MarDini workflow demo: {config}; full log in {path}", highlight=False)
     start = time.monotonic()
-    result = run_workflow_demo(config, store, out)
+    try:
+        result = run_workflow_demo(config, store, out)
+    except Exception as err:
+        logging.getLogger(__name__).exception("the demo failed")
+        stages.stop()  # end the live lines before the message
+        console.print(f"[red]demo failed:[/red] {err}", soft_wrap=True, highlight=False)
+        console.print(f"full log: {path}", highlight=False)
+        raise typer.Exit(1) from None
+    finally:
+        stages.stop()
     total = time.monotonic() - start
     counts = result.manifest["counts"]
     table = Table(title="MarDini workflow demo", show_header=False)
@@ -116,6 +251,7 @@ def _workflow_demo(config: str, store: str | None, out: Path) -> None:
     table.add_row("champion interpolation", f"{result.video} ({result.seconds['generate']:.0f} s)")
     table.add_row("total", f"{total:.0f} s")
     table.add_row("MLflow UI", f".venv/bin/mlflow ui --backend-store-uri {result.tracking_uri}")
+    table.add_row("log", str(path))
     console.print(table)
 
 

@@ -37,6 +37,32 @@ PREFECT_SETTINGS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
 }
 
+# MLflow reads the first when imported: false leaves its loggers to the application (the demo's
+# log file) instead of a handler of its own on stderr. Its artifact downloads draw tqdm bars.
+# DO_NOT_TRACK: the clients' telemetry (Prefect prints a notice on a terminal) has no network.
+QUIET_ENV = {
+    "MLFLOW_CONFIGURE_LOGGING": "false",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "DO_NOT_TRACK": "1",
+}
+
+
+def log_file(store: str | None = None) -> Path:
+    """A new log file for one demo run: ``{store}/logs/demo-<UTC time>.log`` on a local store."""
+    root = store_root(store)
+    if "://" in root and not root.startswith("file://"):
+        root = "./.mardini"  # as tracking_uri does: a remote store keeps the log here
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    return Path(root.removeprefix("file://")) / "logs" / f"demo-{stamp}.log"
+
+
+def quiet_libraries() -> None:
+    """Set the environment that must hold before MLflow is imported (a user's value wins)."""
+    if "mlflow" in sys.modules:
+        log.debug("mlflow was imported before the demo set %s", sorted(QUIET_ENV))
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+
 
 @contextmanager
 def prefect_settings() -> Iterator[None]:
@@ -80,6 +106,7 @@ def run_workflow_demo(
     nproc: int = 2,
 ) -> WorkflowDemo:
     """Shard, train the curriculum through Prefect, and generate from the champion."""
+    quiet_libraries()
     from data_prep.demo_data import demo_dataset
     from mardini.config import load_config
     from mardini.generate import SampleOptions, interpolate, load_model

@@ -26,6 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from mardini.config import CurriculumConfig, load_config
+from mardini.progress import StageEvent, emit
 from mardini.storage import filesystem, join, store_root
 from mardini.train.checkpoint import stage_dir
 from mardini.train.tracking import ensure_experiment, tracking_uri
@@ -211,12 +212,14 @@ def train_curriculum(
             done = alias_version(client, name, stage.name)
             if done is not None:
                 logger.info("stage %s already promoted (version %s): skipped", stage.name, done)
+                emit(StageEvent(stage.name, "skipped", text=f"already promoted (version {done})"))
                 promoted[stage.name] = done
                 continue
             if cfg.data.latents and stage.kind != "autoencoder":
                 url = cache_stage_latents(cfg, stage.name, store)
                 logger.info("stage %s: latents cached at %s", stage.name, url)
             logger.info("stage %s: training (%s launcher)", stage.name, launcher)
+            emit(StageEvent(stage.name, "train", step=0, total=stage.steps))
             meta = train_stage(
                 config_path,
                 cfg,
@@ -231,12 +234,26 @@ def train_curriculum(
             )
             client.log_metric(parent_id, f"{stage.name}.train_seconds", meta["train_seconds"])
             run_id = meta.get("mlflow_run_id")
+            emit(StageEvent(stage.name, "evaluate"))
             metrics = evaluate_stage(cfg, stage.name, meta["final_url"], store, run_id, uri)
             version = register_candidate(cfg, stage.name, meta["final_url"], run_id, uri)
-            report = apply_gates(cfg, stage.name, metrics, _run_link(uri, experiment_id, run_id))
+            try:
+                report = apply_gates(
+                    cfg, stage.name, metrics, _run_link(uri, experiment_id, run_id)
+                )
+            except GateFailed as err:
+                emit(StageEvent(stage.name, "gates", text=str(err), passed=False))
+                raise
             logger.info("stage %s passed its gates:\n%s", stage.name, report)
+            emit(StageEvent(stage.name, "gates", text=report, passed=True))
             promote(client, name, version, stage.name, last=last)
             promoted[stage.name] = version
+            champion = " and champion" if last else ""
+            emit(
+                StageEvent(
+                    stage.name, "promoted", text=f"version {version} as {stage.name}{champion}"
+                )
+            )
         status = "FINISHED"
     finally:
         client.set_terminated(parent_id, status=status)

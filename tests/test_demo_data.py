@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 
 from data_prep.clips import split_of
-from data_prep.demo_data import REAL_CLIPS, sources_dir
+from data_prep.config import PrepConfig
+from data_prep.demo_data import DEMO_PREP, REAL_CLIPS, real_clips, sources_dir
+from data_prep.pipeline import shard_videos
 from data_prep.synthetic import FOLDER, synthesize, write_synthetic_videos
 
 
@@ -51,3 +53,28 @@ def test_synthesized_video_moves_over_a_real_photograph():
     steps = (video[1:] - video[:-1]).abs().flatten(1).mean(1)
     assert (steps > 1e-3).all()  # the camera moves every frame
     torch.testing.assert_close(video, synthesize(photo, frames=8, size=32, seed=3))
+
+
+def test_every_demo_rank_reads_train_shards_of_its_own(demo_store):
+    manifest = json.loads(Path(demo_store, "shards", "demo", "manifest.json").read_text())
+    assert manifest["splits"]["train"]["shards"] >= 2  # the demo trains on 2 ranks
+
+
+def test_one_chunk_of_demo_inputs_still_makes_a_train_shard_per_rank(demo_store, tmp_path):
+    # Chunk boundaries hash the inputs' URLs (which hold the store's path): in the worst case
+    # every input lands in one chunk, and the shard size alone must split the train clips.
+    cfg = PrepConfig(**{**DEMO_PREP, "chunk_inputs": 10**9})
+    inputs = real_clips() + [str(sources_dir(demo_store))]
+    manifest = shard_videos(inputs, out=str(tmp_path), dataset="one-chunk", cfg=cfg)
+    assert len(manifest["chunks"]) == 1
+    assert manifest["splits"]["train"]["shards"] >= 2
+
+
+def test_demo_dataset_cut_with_older_settings_is_cut_again(tmp_path):
+    from data_prep.demo_data import demo_dataset
+
+    store = str(tmp_path)
+    old = PrepConfig(**{**DEMO_PREP, "shard_max_samples": 5000})
+    shard_videos(real_clips()[:1], out=f"{store}/shards", dataset="demo", cfg=old)
+    manifest = demo_dataset(f"{store}/shards", store, per_photo=1)
+    assert manifest["fingerprint"] == PrepConfig(**DEMO_PREP).fingerprint()

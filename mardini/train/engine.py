@@ -32,6 +32,7 @@ from mardini.data.augment import augment_clips, reverse_some
 from mardini.masking import MaskSampler
 from mardini.models import MarDini, build_model
 from mardini.models.flops import KIND_PARTS, mfu, train_flops
+from mardini.progress import step_line
 from mardini.storage import join, store_root
 from mardini.train.checkpoint import (
     TRAINED_PARTS,
@@ -446,7 +447,7 @@ class _Progress:
     """A rich progress bar on an interactive rank 0; periodic log lines otherwise."""
 
     def __init__(self, enabled: bool, stage: StageConfig, start: int):
-        self.enabled, self.stage, self.bar = enabled, stage, None
+        self.enabled, self.stage, self.start, self.bar = enabled, stage, start, None
         if enabled and sys.stderr.isatty():
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -465,8 +466,10 @@ class _Progress:
             return
         if self.bar is not None:
             self.bar.update(self.task, completed=step, loss=f"{loss:.4f}")
-        elif step % self.stage.log_every == 0 or step == self.stage.steps:
-            log.info("stage %s step %d/%d loss %.5f", self.stage.name, step, self.stage.steps, loss)
+        elif step % self.stage.log_every == 0 or step in (self.stage.steps, self.start + 1):
+            # A launcher parses this line (mardini.progress) into the console's progress line;
+            # the first step gives it a start for the ETA.
+            log.info("%s", step_line(self.stage.name, step, self.stage.steps, loss))
 
     def close(self) -> None:
         if self.bar is not None:

@@ -3,8 +3,9 @@
 ``nnodes`` "nodes" are started as local processes, each running the launch contract's command
 with the variables the training operator sets on a replica (``PET_*``, ``MASTER_ADDR``,
 ``MASTER_PORT``, ``WORLD_SIZE``, ``RANK``). Their output is streamed to the log with a node
-prefix; when one node fails, every other node's process group is torn down, and the error
-carries the failing node's last log lines.
+prefix (the trainer's step lines also as ``mardini.progress`` events); when one node fails,
+every other node's process group is torn down, and the error carries the failing node's last
+log lines.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mardini.progress import emit, parse_step
 from pipelines.launchers.contract import contract_words
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,10 @@ def run_local(
     base = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     if not _has_cuda():
         base.setdefault("DS_ACCELERATOR", "cpu")
+    # Each rank's share of this machine's cores, read when the rank imports torch. Left unset,
+    # torchrun sets 1 itself and prints a banner saying so.
+    ranks = nnodes * nproc_per_node
+    base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))
     procs: list[subprocess.Popen] = []
     tails: list[collections.deque] = []
     logs: list[str] = []
@@ -100,7 +106,7 @@ def run_local(
             tail.append(line)
             with lock:
                 logs.append(f"[node {node}] {line}")
-            log.info("[%s node %d] %s", stage, node, line)
+            relay_line(stage, node, line)
 
     start = time.monotonic()
     try:
@@ -139,6 +145,14 @@ def run_local(
     except BaseException:
         _teardown(procs)  # cancellation (KeyboardInterrupt, Prefect cancel) too: no orphans
         raise
+
+
+def relay_line(stage: str, node: int, line: str) -> None:
+    """Log one line of a node's output; a training step line also becomes a progress event."""
+    log.info("[%s node %d] %s", stage, node, line)
+    event = parse_step(line)
+    if event is not None:
+        emit(event)
 
 
 def _failing_rank(tail: collections.deque) -> str:
