@@ -249,6 +249,9 @@ def _workflow_demo(config: str, store: str | None, out: Path) -> None:
                 f"{metrics.get(f'baseline_blend_{task}_psnr', float('nan')):.2f}",
             )
     table.add_row("champion interpolation", f"{result.video} ({result.seconds['generate']:.0f} s)")
+    table.add_row(
+        "comparison, held-out clip", f"{result.summary_png} (animated: {result.summary_gif})"
+    )
     table.add_row("total", f"{total:.0f} s")
     table.add_row("MLflow UI", f".venv/bin/mlflow ui --backend-store-uri {result.tracking_uri}")
     table.add_row("log", str(path))

@@ -97,6 +97,9 @@ class WorkflowDemo:
     seconds: dict[str, float] = field(default_factory=dict)
     # The champion's held-out metrics as its stage's evaluation logged them (model, baselines).
     champion_metrics: dict[str, float] = field(default_factory=dict)
+    # One held-out clip: ground truth / nearest / blend / model, frames in columns; and animated.
+    summary_png: Path | None = None
+    summary_gif: Path | None = None
 
 
 def run_workflow_demo(
@@ -154,9 +157,41 @@ def run_workflow_demo(
     write_video(
         out / "ground_truth_vs_interpolation.mp4", torch.cat([clip, video], dim=-1), fps=last.fps
     )
+    png, gif = write_summary(clip, video, out)
     seconds["generate"] = time.monotonic() - start
     metrics = champion_metrics(uri, registered_name(cfg.name))
-    return WorkflowDemo(manifest, promoted, path, uri, seconds, metrics)
+    return WorkflowDemo(manifest, promoted, path, uri, seconds, metrics, png, gif)
+
+
+def write_summary(
+    clip_T3HW: torch.Tensor, model_T3HW: torch.Tensor, out: Path
+) -> tuple[Path, Path]:
+    """``summary.png`` and ``summary.gif`` in ``out``: the held-out clip, the nearest-frame and
+    linear-blend baselines and the model's interpolation (first and last frames given, also
+    written as ``first.png`` and ``last.png``)."""
+    from PIL import Image
+
+    from mardini.eval.metrics import baseline
+    from mardini.eval.pictures import comparison, save_gif
+    from mardini.masking import interpolation_mask
+    from mardini.video import to_uint8
+
+    given = interpolation_mask(clip_T3HW.shape[0], keep=2)  # 1 T, as interpolate() keeps them
+    rows = {
+        "ground truth": clip_T3HW,
+        "nearest": baseline(clip_T3HW[None], given, "nearest")[0],
+        "blend": baseline(clip_T3HW[None], given, "blend")[0],
+        "model": model_T3HW,
+    }
+    still, animated = comparison(rows, given[0])
+    out.mkdir(parents=True, exist_ok=True)
+    png = out / "summary.png"
+    still.save(png)
+    # The given frames as files: the README's serving requests send them.
+    for name, frame in (("first", clip_T3HW[0]), ("last", clip_T3HW[-1])):
+        Image.fromarray(to_uint8(frame[None])[0]).save(out / f"{name}.png")
+    # 4 fps: slow enough to read the labels.
+    return png, save_gif(out / "summary.gif", animated, fps=4.0)
 
 
 def champion_metrics(uri: str, name: str) -> dict[str, float]:

@@ -27,6 +27,7 @@ from mardini.eval import (
     ssim,
 )
 from mardini.eval.metrics import I3DFeatures
+from mardini.eval.pictures import layout
 from mardini.generate import load_model
 from mardini.masking import i2v_mask, interpolation_mask
 from mardini.models import build_model
@@ -309,4 +310,7 @@ def test_autoencoder_stage_is_evaluated_by_reconstruction(train_shards):
     assert set(result.metrics) == {"ae_psnr", "ae_ssim"}
     assert 0 < result.metrics["ae_psnr"] < 40 and -1 <= result.metrics["ae_ssim"] <= 1
     assert "reconstruction" in result.results()["heldout_loss"]
-    assert result.grids["ae"].shape[-1] == 2 * 128  # ground truth | reconstruction
+    # One clip: ground truth | reconstruction, 32-px frames drawn 4x, labelled.
+    geo = layout(["clip 1"], ["ground truth", "reconstruction"], (32, 32), 4, titled=True)
+    assert result.grids["ae"].shape[-2:] == (geo.height, geo.width)
+    assert geo.width > 2 * 128

@@ -42,12 +42,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from einops import rearrange
 
 from mardini.config import CurriculumConfig
 from mardini.eval.gates import known_metrics
 from mardini.eval.heldout import GRID, batch_heldout_loss
 from mardini.eval.metrics import BASELINES, I3DFeatures, baseline, frechet_distance, psnr, ssim
+from mardini.eval.pictures import draw_grid, to_video
 from mardini.generate import load_model, sample_kind, save_video, stage_setting
 from mardini.masking import i2v_mask, interpolation_mask
 from mardini.models import MarDini
@@ -164,13 +164,21 @@ class _FrameMeans:
         return [float(s / c) if c else None for s, c in zip(self.sums, self.counts, strict=True)]
 
 
-def _grid(columns: list[torch.Tensor], min_cell: int = 128) -> torch.Tensor:
-    """Clips ``B T 3 H W`` side by side (columns) and stacked (rows) into ``T 3 H' W'``,
-    upscaled by an integer factor (nearest) so a cell is at least ``min_cell`` px high."""
-    grid = torch.cat(columns, dim=-1)  # B T 3 H (W * columns)
-    grid = rearrange(grid, "b t c h w -> t c (b h) w")
-    scale = max(1, math.ceil(min_cell / columns[0].shape[-2]))
-    return grid.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+def _grid(task: str, columns: list[torch.Tensor], min_cell: int = 128) -> torch.Tensor:
+    """Clips ``B T 3 H W`` side by side (columns, titled as ``GRID_COLUMNS[task]``) and stacked
+    (rows, one a clip) into labelled frames ``T 3 H' W'``, upscaled by an integer factor
+    (nearest) so a cell is at least ``min_cell`` px high."""
+    cells = torch.stack(columns, dim=1)  # B C T 3 H W
+    b, _, t = cells.shape[:3]
+    scale = max(1, math.ceil(min_cell / cells.shape[-2]))
+    frames = draw_grid(
+        cells,
+        [f"clip {i + 1}" for i in range(b)],
+        GRID_COLUMNS[task].split(" | "),
+        scale,
+        titles=[f"frame {k + 1}/{t}" for k in range(t)],
+    )
+    return to_video(frames)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -304,7 +312,7 @@ def evaluate(
         if name not in metrics and name not in unavailable:
             unavailable[name] = f"not available: {_why_missing(name, kind)}"
     grids = {
-        task: _grid([torch.cat(col) for col in zip(*parts, strict=True)])
+        task: _grid(task, [torch.cat(col) for col in zip(*parts, strict=True)])
         for task, parts in shown.items()
     }
     settings_dict = {**asdict(s), "i3d": i3d_path, "timestep_grid": list(GRID)}
