@@ -38,6 +38,8 @@ from typing import Any
 import mlflow.pyfunc
 import numpy as np
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from mardini.storage import filesystem
 
@@ -100,19 +102,55 @@ def _tensor_video(value: Any, size: int, image: bool) -> torch.Tensor:
         return read_image(path, size) if image else read_clip(path, size)
 
 
+class RequestError(MlflowException, ValueError):
+    """A request the model cannot serve; the message names the field. HTTP 400 when served
+    (MLflow's scoring server shows an ``MlflowException``'s message, not only its trace)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+# Fields of a request: every task's, then each task's required and optional ones.
+COMMON_FIELDS = ("task", "size", "steps", "seed", "cfg_scale", "format")
+TASK_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "interpolate": (("first", "last", "frames"), ()),
+    "i2v": (("image", "frames"), ()),
+    "expand": (("video", "add"), ("window",)),
+    "long": (("image", "window", "total"), ()),
+}
+# Integer fields and their smallest value.
+INTEGER_FIELDS = {"frames": 2, "add": 1, "window": 2, "total": 2, "size": 8, "steps": 1, "seed": 0}
+MEDIA_FIELDS = {"first": True, "last": True, "image": True, "video": False}  # field -> is image
+
+
 def _requests(model_input: Any) -> Iterator[dict[str, Any]]:
-    """One dict per request from a dict, a list of dicts or a DataFrame."""
+    """One dict per request from a dict, a list of dicts or a DataFrame.
+
+    Also the shapes MLflow's scoring server hands over: ``{"inputs": {...}}`` arrives as a dict
+    of 0-d arrays, ``{"inputs": [{...}]}`` as a list of those, ``{"instances": [...]}`` as a
+    dict of columns, ``{"dataframe_records": [...]}`` as a DataFrame."""
     import pandas as pd
 
     if isinstance(model_input, pd.DataFrame):
         for record in model_input.to_dict(orient="records"):
             yield {k: v for k, v in record.items() if not _is_missing(v)}
     elif isinstance(model_input, dict):
-        yield model_input
+        task = model_input.get("task")
+        if isinstance(task, np.ndarray) and task.ndim == 1:  # columns, one row a request
+            columns = {
+                k: list(v) if isinstance(v, np.ndarray) else v for k, v in model_input.items()
+            }
+            lengths = {k: len(v) for k, v in columns.items() if isinstance(v, list)}
+            if set(lengths.values()) != {len(task)}:
+                raise RequestError(f"columns of unequal length: {lengths}")
+            for i in range(len(task)):
+                yield {k: v[i] for k, v in columns.items()}
+        else:
+            yield model_input
     elif isinstance(model_input, list):
         yield from model_input
     else:
-        raise ValueError(
+        raise RequestError(
             f"predict takes a dict, a list of dicts or a DataFrame, got {type(model_input)}"
         )
 
@@ -121,10 +159,66 @@ def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and np.isnan(value))
 
 
-def _need(request: dict[str, Any], key: str) -> Any:
-    if key not in request:
-        raise ValueError(f"task {request.get('task')!r} needs {key!r}; got keys {sorted(request)}")
-    return request[key]
+def _plain(value: Any) -> Any:
+    """A 0-d array or numpy scalar as the Python value it holds; anything else unchanged."""
+    if isinstance(value, np.ndarray) and value.ndim == 0 or isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def parse_request(raw: Any, index: int = 0) -> dict[str, Any]:
+    """Check one request and return it with plain Python values; ``RequestError`` names the
+    field that is missing, unknown or wrong."""
+    where = f"request {index}: " if index else ""
+    if not isinstance(raw, dict):
+        raise RequestError(
+            f"{where}expected an object with a 'task' field, got {type(raw).__name__}"
+        )
+    request = {str(k): _plain(v) for k, v in raw.items()}
+    task = request.get("task")
+    if task is None:
+        raise RequestError(f"{where}missing field 'task' (one of {', '.join(TASKS)})")
+    if task not in TASK_FIELDS:
+        raise RequestError(f"{where}field 'task' must be one of {', '.join(TASKS)}, got {task!r}")
+    required, optional = TASK_FIELDS[task]
+    allowed = (*COMMON_FIELDS, *required, *optional)
+    unknown = sorted(set(request) - set(allowed))
+    if unknown:
+        raise RequestError(
+            f"{where}unknown field {', '.join(map(repr, unknown))} for task {task!r}; "
+            f"its fields are {', '.join(allowed)}"
+        )
+    for key in required:
+        if key not in request:
+            raise RequestError(f"{where}task {task!r} needs field {key!r}")
+    for key, least in INTEGER_FIELDS.items():
+        if key in request:
+            request[key] = _integer(request[key], key, least, where)
+    if task == "interpolate" and request["frames"] < 3:
+        raise RequestError(
+            f"{where}field 'frames': interpolation needs at least 3, got {request['frames']}"
+        )
+    if "cfg_scale" in request:
+        value = request["cfg_scale"]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise RequestError(f"{where}field 'cfg_scale': expected a number, got {value!r}")
+        request["cfg_scale"] = float(value)
+    if request.setdefault("format", "array") not in ("array", "mp4"):
+        raise RequestError(
+            f"{where}field 'format' must be 'array' or 'mp4', got {request['format']!r}"
+        )
+    return request
+
+
+def _integer(value: Any, key: str, least: int, where: str) -> int:
+    """``value`` as an integer of at least ``least``, or a ``RequestError`` naming ``key``."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(f"{where}field {key!r}: expected an integer, got {value!r}")
+    if value < least:
+        raise RequestError(f"{where}field {key!r}: must be at least {least}, got {value}")
+    return value
 
 
 class MarDiniModel(mlflow.pyfunc.PythonModel):
@@ -139,51 +233,54 @@ class MarDiniModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list:
         """Generate one clip per request; see the module docstring for the input format."""
-        return [self._one(request) for request in _requests(model_input)]
+        requests = [parse_request(r, i) for i, r in enumerate(_requests(model_input))]
+        return [self._one(request) for request in requests]
 
     def _one(self, request: dict[str, Any]) -> Any:
         from mardini import generate as g
         from mardini.video import to_uint8
 
-        task, fmt = request.get("task"), request.get("format", "array")
-        if task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-        if fmt not in ("array", "mp4"):
-            raise ValueError(f"format must be 'array' or 'mp4', got {fmt!r}")
+        task, fmt = request["task"], request["format"]
         size = int(request.get("size") or g.stage_setting(self.meta, "resolution", 32))
         opts = g.SampleOptions(
-            steps=int(request.get("steps", 25)),
-            seed=int(request.get("seed", 0)),
-            cfg_scale=float(request.get("cfg_scale", 1.0)),
+            steps=request.get("steps", 25),
+            seed=request.get("seed", 0),
+            cfg_scale=request.get("cfg_scale", 1.0),
             kind=g.sample_kind(self.meta),
         )
-        if task == "interpolate":
-            first = _tensor_video(_need(request, "first"), size, image=True)
-            last = _tensor_video(_need(request, "last"), size, image=True)
-            video = g.interpolate(self.model, first, last, int(_need(request, "frames")), opts)
-        elif task == "i2v":
-            image = _tensor_video(_need(request, "image"), size, image=True)
-            video = g.image_to_video(self.model, image, int(_need(request, "frames")), opts)
-        elif task == "expand":
-            clip = _tensor_video(_need(request, "video"), size, image=False)
-            window = request.get("window")
-            video = g.expand(
-                self.model,
-                clip,
-                int(_need(request, "add")),
-                int(window) if window else None,
-                opts,
-            )
-        else:
-            image = _tensor_video(_need(request, "image"), size, image=True)
-            video = g.long_video(
-                self.model, image, int(_need(request, "window")), int(_need(request, "total")), opts
-            )
+        media = {
+            key: _field_video(request[key], key, size) for key in MEDIA_FIELDS if key in request
+        }
+        try:
+            if task == "interpolate":
+                video = g.interpolate(
+                    self.model, media["first"], media["last"], request["frames"], opts
+                )
+            elif task == "i2v":
+                video = g.image_to_video(self.model, media["image"], request["frames"], opts)
+            elif task == "expand":
+                video = g.expand(
+                    self.model, media["video"], request["add"], request.get("window"), opts
+                )
+            else:
+                video = g.long_video(
+                    self.model, media["image"], request["window"], request["total"], opts
+                )
+        except ValueError as err:  # what generation refuses is the request's doing
+            raise RequestError(f"task {task!r}: {err}") from err
         if fmt == "array":
             return to_uint8(video)
         with tempfile.TemporaryDirectory() as tmp:
             path = g.save_video(video, Path(tmp) / "out.mp4")[0]
             return base64.b64encode(path.read_bytes()).decode()
+
+
+def _field_video(value: Any, key: str, size: int) -> torch.Tensor:
+    """The image or video of request field ``key``; a bad one is a ``RequestError`` naming it."""
+    try:
+        return _tensor_video(value, size, image=MEDIA_FIELDS[key])
+    except (ValueError, OSError) as err:
+        raise RequestError(f"field {key!r}: {err}") from err
 
 
 def _local_final(final_url: str, tmp: str) -> str:

@@ -227,7 +227,7 @@ def test_registry_alias_loads_and_pyfunc_predicts(checkpoint, images, tmp_path, 
     video = tmp_path / "served.mp4"
     video.write_bytes(base64.b64decode(out[0]))
     assert read_video(video).shape == (5, 3, SIZE, SIZE)
-    with pytest.raises(ValueError, match="needs 'frames'"):
+    with pytest.raises(ValueError, match="needs field 'frames'"):
         pyfunc.predict({"task": "i2v", "image": path})
     with pytest.raises(ValueError, match="never read as paths"):  # served clients send strings
         pyfunc.predict({"task": "i2v", "image": str(path), "frames": 3})
