@@ -245,7 +245,10 @@ def test_evaluation_end_to_end_json_mlflow_and_samples(
     files = {a.path for a in client.list_artifacts(run.info.run_id, "eval/samples")}
     assert {f"eval/samples/{t}.{ext}" for t in ("interp", "i2v") for ext in ("mp4", "gif")} <= files
     grid = read_video(out / "samples" / "interp.mp4")
-    assert grid.shape == (4, 3, 3 * 128, 4 * 128)  # 3 clips x (truth, nearest, blend, model)
+    # 3 clips x (truth, nearest, blend, model), 32-px cells drawn 4x, labelled (mp4: even sides).
+    columns = run.data.tags["eval.samples.interp"].split(" | ")
+    geo = layout(["clip 1", "clip 2", "clip 3"], columns, (32, 32), 4, titled=True)
+    assert grid.shape == (4, 3, geo.height + geo.height % 2, geo.width + geo.width % 2)
 
     # Evaluated again (now with an I3D TorchScript file): the same numbers, and FVD.
     model, meta = load_model(checkpoints["joint"])
