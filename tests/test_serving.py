@@ -114,6 +114,9 @@ def test_mlflow_scoring_server_answers_inputs_and_a_clear_400(pyfunc):
         assert response.status_code == 200, response.text
         (clip,) = response.json()["predictions"]
         assert np.asarray(clip).shape == (frames, SIZE, SIZE, 3)
+    response = client.post("/invocations", json={"inputs": [I2V, {**I2V, "frames": 3}]})
+    assert response.status_code == 200, response.text
+    assert [np.asarray(c).shape[0] for c in response.json()["predictions"]] == [4, 3]
     response = client.post("/invocations", json={"inputs": {**I2V, "frames": 4, "fps": 8}})
     assert response.status_code == 400
     body = response.json()
