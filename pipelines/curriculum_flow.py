@@ -139,20 +139,63 @@ def evaluate_stage(
     )
 
 
+# Held-out metrics every version is tagged with when its evaluation has them (plus its gates').
+KEY_METRICS = (
+    "heldout_loss",
+    "interp_psnr",
+    "baseline_nearest_interp_psnr",
+    "baseline_blend_interp_psnr",
+    "i2v_psnr",
+    "baseline_nearest_i2v_psnr",
+    "baseline_blend_i2v_psnr",
+    "ae_psnr",
+)
+
+
+def version_tags(cfg: CurriculumConfig, stage: str, metrics: dict[str, Any]) -> dict[str, str]:
+    """A stage's model version tags: curriculum, stage, kind, and its key held-out metrics."""
+    from mardini.eval.gates import baseline_metric
+
+    st = cfg.stage(stage)
+    tags = {"curriculum": cfg.name, "stage": stage, "kind": st.kind}
+    keys = list(KEY_METRICS)
+    for gate in st.gates:
+        keys.append(gate.metric)
+        if gate.beats:
+            keys.append(baseline_metric(gate.metric, gate.beats))
+    for key in dict.fromkeys(keys):
+        value = metrics.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            tags[key] = f"{value:.4g}"
+    return tags
+
+
 @task(name="register-candidate", cache_policy=NO_CACHE)
 def register_candidate(
-    cfg: CurriculumConfig, stage: str, final_url: str, run_id: str | None, uri: str
+    cfg: CurriculumConfig,
+    stage: str,
+    final_url: str,
+    run_id: str | None,
+    uri: str,
+    metrics: dict[str, Any] | None = None,
 ) -> str:
-    """Log the stage's weights as an MLflow model version with alias ``{stage}-candidate``."""
+    """Log the stage's weights as an MLflow model version with alias ``{stage}-candidate``,
+    tagged with the curriculum, the stage and its key held-out metrics."""
     from mardini.mlflow_model import log_model
 
     name = registered_name(cfg.name)
     model_uri = log_model(final_url, registered_model_name=name, run_id=run_id, tracking_uri=uri)
     version = model_uri.rsplit("/", 1)[-1]  # models:/name/version
-    MlflowClient(uri, registry_uri=uri).set_registered_model_alias(
-        name, f"{stage}-candidate", version
-    )
+    client = MlflowClient(uri, registry_uri=uri)
+    client.set_registered_model_alias(name, f"{stage}-candidate", version)
+    for key, value in version_tags(cfg, stage, metrics or {}).items():
+        client.set_model_version_tag(name, version, key, value)
     return version
+
+
+def describe_version(client: MlflowClient, name: str, version: str, report: str) -> None:
+    """Make the gate report the version's description (the registry page shows it first)."""
+    client.update_model_version(name, version, description=report)
 
 
 @task(name="apply-gates", cache_policy=NO_CACHE)
@@ -193,17 +236,8 @@ def train_curriculum(
     name = registered_name(cfg.name)
     client = MlflowClient(uri, registry_uri=uri)
     experiment_id = ensure_experiment(cfg.name, store, uri)
-    parent = client.create_run(
-        experiment_id,
-        run_name=f"curriculum {flow_run.get_name() or ''}".strip(),
-        tags={
-            "curriculum": cfg.name,
-            "prefect.flow_run_id": str(flow_run.get_id()),
-            "launcher": launcher,
-        },
-    )
-    parent_id = parent.info.run_id
-    _link_runs(client, uri, parent_id, experiment_id)
+    # Created with the first stage that has work: a rerun that skips every stage adds no run.
+    parent_id: str | None = None
     promoted: dict[str, str] = {}
     status = "FAILED"
     try:
@@ -215,6 +249,8 @@ def train_curriculum(
                 emit(StageEvent(stage.name, "skipped", text=f"already promoted (version {done})"))
                 promoted[stage.name] = done
                 continue
+            if parent_id is None:
+                parent_id = _start_parent_run(client, uri, cfg.name, experiment_id, launcher)
             if cfg.data.latents and stage.kind != "autoencoder":
                 url = cache_stage_latents(cfg, stage.name, store)
                 logger.info("stage %s: latents cached at %s", stage.name, url)
@@ -236,14 +272,16 @@ def train_curriculum(
             run_id = meta.get("mlflow_run_id")
             emit(StageEvent(stage.name, "evaluate"))
             metrics = evaluate_stage(cfg, stage.name, meta["final_url"], store, run_id, uri)
-            version = register_candidate(cfg, stage.name, meta["final_url"], run_id, uri)
+            version = register_candidate(cfg, stage.name, meta["final_url"], run_id, uri, metrics)
             try:
                 report = apply_gates(
                     cfg, stage.name, metrics, _run_link(uri, experiment_id, run_id)
                 )
             except GateFailed as err:
+                describe_version(client, name, version, str(err))  # the evidence for a person
                 emit(StageEvent(stage.name, "gates", text=str(err), passed=False))
                 raise
+            describe_version(client, name, version, report)
             logger.info("stage %s passed its gates:\n%s", stage.name, report)
             emit(StageEvent(stage.name, "gates", text=report, passed=True))
             promote(client, name, version, stage.name, last=last)
@@ -256,7 +294,10 @@ def train_curriculum(
             )
         status = "FINISHED"
     finally:
-        client.set_terminated(parent_id, status=status)
+        if parent_id is not None:
+            client.set_terminated(parent_id, status=status)
+    if parent_id is None:
+        logger.info("every stage of %s was promoted already: nothing to train", cfg.name)
     logger.info(
         "curriculum %s promoted: %s (champion = %s)",
         cfg.name,
@@ -264,6 +305,23 @@ def train_curriculum(
         promoted.get(cfg.stages[-1].name),
     )
     return promoted
+
+
+def _start_parent_run(
+    client: MlflowClient, uri: str, curriculum: str, experiment_id: str, launcher: str
+) -> str:
+    """The MLflow run of this flow run, which the stages' runs nest under; returns its id."""
+    parent = client.create_run(
+        experiment_id,
+        run_name=f"curriculum {flow_run.get_name() or ''}".strip(),
+        tags={
+            "curriculum": curriculum,
+            "prefect.flow_run_id": str(flow_run.get_id()),
+            "launcher": launcher,
+        },
+    )
+    _link_runs(client, uri, parent.info.run_id, experiment_id)
+    return parent.info.run_id
 
 
 def _run_link(base: str, experiment_id: str, run_id: str | None) -> str:

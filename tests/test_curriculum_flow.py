@@ -3,6 +3,7 @@ SQLite MLflow registry, Prefect's test harness; a failing gate; a crashing rank.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
+from mardini.progress import LOGGER, StageEvent, event_of
 from pipelines.curriculum_flow import train_curriculum
 from pipelines.promotion import alias_version, registered_name
 from tests.conftest import CONFIGS
@@ -67,7 +69,26 @@ def _no_training_processes_left() -> list[str]:
     return left
 
 
-def test_every_stage_promoted_and_champion_set(tmp_path, train_shards, mlflow_uri):
+@pytest.fixture
+def progress_events():
+    """The StageEvents the flow and the launcher log on the progress logger."""
+    events: list[StageEvent] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if (event := event_of(record)) is not None:
+                events.append(event)
+
+    logger, handler = logging.getLogger(LOGGER), Collect()
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    yield events
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def test_every_stage_promoted_and_champion_set(tmp_path, train_shards, mlflow_uri, progress_events):
     config = _config(tmp_path, train_shards, "flow-e2e")
     promoted = train_curriculum(config=config, store=str(tmp_path / "store"), nproc_per_node=2)
     client = MlflowClient(mlflow_uri)
@@ -86,6 +107,29 @@ def test_every_stage_promoted_and_champion_set(tmp_path, train_shards, mlflow_ur
         assert child.data.tags["mlflow.parentRunId"] == parent[0].info.run_id
         assert "heldout_loss" in child.data.metrics
     assert parent[0].data.tags["prefect.flow_run_id"]
+
+    # The registry page: each version's description is its gate report; tags say what it is.
+    for stage in stages:
+        version = client.get_model_version(name, promoted[stage])
+        assert version.description.startswith(f"gates of stage '{stage}': PASSED")
+        assert "heldout_loss" in version.description
+        assert version.tags["stage"] == stage and version.tags["curriculum"] == "flow-e2e"
+        child_loss = runs[stage][0].data.metrics["heldout_loss"]
+        assert float(version.tags["heldout_loss"]) == pytest.approx(child_loss, rel=1e-3)
+    assert "interp_psnr" in client.get_model_version(name, promoted["joint-i2v"]).tags
+
+    # The console's progress: every stage's last training step, read back from its rank's log.
+    by_stage = {s: [e for e in progress_events if e.stage == s] for s in stages}
+    for stage, events in by_stage.items():
+        steps = [e.step for e in events if e.phase == "train"]
+        assert steps[0] == 0 and steps[-1] == 3, (stage, events)
+        assert [e.phase for e in events if e.phase != "train"] == ["evaluate", "gates", "promoted"]
+
+    # A rerun skips every stage and adds no (empty) parent run.
+    progress_events.clear()
+    assert train_curriculum(config=config, store=str(tmp_path / "store")) == promoted
+    assert len(_stage_runs(mlflow_uri, "flow-e2e")["<parent>"]) == 1
+    assert [e.phase for e in progress_events] == ["skipped"] * len(stages)
 
 
 def test_failed_gate_stops_the_flow_and_a_rerun_resumes(tmp_path, train_shards, mlflow_uri):
@@ -107,7 +151,10 @@ def test_failed_gate_stops_the_flow_and_a_rerun_resumes(tmp_path, train_shards, 
     name = registered_name("flow-gate")
     assert alias_version(client, name, "mar") is not None
     assert alias_version(client, name, "dm") is None  # nothing promoted for the failed stage
-    assert alias_version(client, name, "dm-candidate") is not None  # kept for a human to inspect
+    candidate = alias_version(client, name, "dm-candidate")
+    assert candidate is not None  # kept for a human to inspect, with the evidence
+    description = client.get_model_version(name, candidate).description
+    assert "FAILED" in description and "heldout_loss" in description
     assert not (
         Path(store) / "runs" / "flow-gate" / "joint-interpolation"
     ).exists()  # never launched
