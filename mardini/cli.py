@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -224,8 +225,11 @@ def _workflow_demo(config: str, store: str | None, out: Path) -> None:
     except Exception as err:
         logging.getLogger(__name__).exception("the demo failed")
         stages.stop()  # end the live lines before the message
-        console.print(f"[red]demo failed:[/red] {err}", soft_wrap=True, highlight=False)
-        console.print(f"full log: {path}", highlight=False)
+        # The first line says what failed (a gate report is on screen already); the log has
+        # the rest: a failing rank's last lines, the traceback.
+        head = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        console.print(f"[red]demo failed:[/red] {escape(head)}", soft_wrap=True, highlight=False)
+        console.print(f"details in {path}", highlight=False)
         raise typer.Exit(1) from None
     finally:
         stages.stop()

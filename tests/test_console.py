@@ -188,3 +188,34 @@ def test_demo_logging_sends_library_records_to_the_file_not_the_console(
     captured = capsys.readouterr()
     assert "HTTP Request" not in captured.err + captured.out
     assert "python_model" not in captured.err + captured.out
+
+
+def test_a_failed_demo_prints_what_failed_and_where_the_log_is(
+    tmp_path, restore_logging, monkeypatch
+):
+    from typer.testing import CliRunner
+
+    import mardini.workflow_demo
+    from mardini.cli import app
+
+    def fail(*args, **kwargs):
+        emit(
+            StageEvent(
+                "dm", "gates", text="gates of stage 'dm': FAILED\n  FAIL interp_psnr", passed=False
+            )
+        )
+        logging.getLogger("pipelines.launchers.local").info("[dm node 0] a rank's chatter")
+        raise RuntimeError(
+            "stage 'dm' failed its gates (MLflow: run x)\ngates of stage 'dm': FAILED"
+        )
+
+    monkeypatch.setattr(mardini.workflow_demo, "run_workflow_demo", fail)
+    result = CliRunner().invoke(app, ["demo", "--store", str(tmp_path)])
+    assert result.exit_code == 1
+    lines = result.output.splitlines()
+    assert "gates of stage 'dm': FAILED" in lines  # the report, once
+    assert "demo failed: stage 'dm' failed its gates (MLflow: run x)" in lines
+    assert f"details in {tmp_path}/logs/demo-" in "".join(lines[-3:])  # a long path may wrap
+    assert "chatter" not in result.output
+    (log,) = (tmp_path / "logs").glob("demo-*.log")
+    assert "chatter" in log.read_text() and "Traceback" in log.read_text()
