@@ -218,7 +218,9 @@ def _workflow_demo(config: str, store: str | None, out: Path) -> None:
 
     path = log_file(store)
     stages = _log_to_file(path, console)
-    console.print(f"MarDini workflow demo: {config}; full log in {path}", highlight=False)
+    console.print(
+        f"MarDini workflow demo: {config}; full log in {path}", highlight=False, soft_wrap=True
+    )
     start = time.monotonic()
     try:
         result = run_workflow_demo(config, store, out)
@@ -236,6 +238,8 @@ def _workflow_demo(config: str, store: str | None, out: Path) -> None:
     total = time.monotonic() - start
     counts = result.manifest["counts"]
     table = Table(title="MarDini workflow demo", show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # paths in full, never cut with an ellipsis
     table.add_row(
         "shards",
         f"{counts['inputs']} videos -> {counts.get('clips', '?')} clips ({result.seconds['shard']:.0f} s)",
@@ -258,8 +262,8 @@ def _workflow_demo(config: str, store: str | None, out: Path) -> None:
     )
     table.add_row("total", f"{total:.0f} s")
     table.add_row("MLflow UI", f".venv/bin/mlflow ui --backend-store-uri {result.tracking_uri}")
-    table.add_row("log", str(path))
     console.print(table)
+    console.print(f"full log: {path}", highlight=False, soft_wrap=True)  # one line, to copy
 
 
 @app.command()

@@ -219,3 +219,32 @@ def test_a_failed_demo_prints_what_failed_and_where_the_log_is(
     assert "chatter" not in result.output
     (log,) = (tmp_path / "logs").glob("demo-*.log")
     assert "chatter" in log.read_text() and "Traceback" in log.read_text()
+
+
+def test_the_final_table_names_the_pictures_and_the_log(tmp_path, restore_logging, monkeypatch):
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    import mardini.workflow_demo
+    from mardini.cli import app
+    from mardini.workflow_demo import WorkflowDemo
+
+    out = Path(tmp_path, "out")
+    done = WorkflowDemo(
+        manifest={"counts": {"inputs": 59, "clips": 435}},
+        promoted={"mar": "1", "joint-i2v": "4"},
+        video=out / "interpolation.mp4",
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        seconds={"shard": 1.0, "curriculum": 2.0, "generate": 3.0},
+        champion_metrics={"interp_psnr": 26.5, "baseline_nearest_interp_psnr": 25.6},
+        summary_png=out / "summary.png",
+        summary_gif=out / "summary.gif",
+    )
+    monkeypatch.setattr(mardini.workflow_demo, "run_workflow_demo", lambda *a, **k: done)
+    result = CliRunner().invoke(app, ["demo", "--store", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    cells = "".join(line.strip("│ ") for line in result.output.splitlines())
+    assert str(out / "summary.png") in cells and str(out / "summary.gif") in cells
+    assert "model 26.50 dB | nearest frame 25.60" in " ".join(result.output.split())
+    assert result.output.splitlines()[-1].startswith(f"full log: {tmp_path}/logs/demo-")
