@@ -61,6 +61,12 @@ class GeneratorConfig(_Strict):
     # only through attention that must first learn to route it, which small models trained
     # briefly never did (issue 12; measured with bench/quality.py). Needs ``prediction: x0``.
     reference_path: bool = False
+    # With ``reference_path``: each of the two references is first warped along a motion field
+    # that the generator predicts per token (bilinear, upsampled to pixels; zero at
+    # initialisation, so an untrained model still predicts the plain blend). The blend of two
+    # frames of a moving scene is a double exposure; a blend of motion-compensated references
+    # is what interpolation networks (FILM, RIFE) build on. Not in the paper (issue 12).
+    reference_motion: bool = False
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> GeneratorConfig:
@@ -137,6 +143,11 @@ class ModelConfig(_Strict):
             raise ValueError(
                 "generator.reference_path adds reference frames to an x0 prediction: "
                 "set prediction: x0 (or reference_path: false)"
+            )
+        if self.generator.reference_motion and not self.generator.reference_path:
+            raise ValueError(
+                "generator.reference_motion warps the reference path's frames: "
+                "set generator.reference_path: true (or reference_motion: false)"
             )
         return self
 

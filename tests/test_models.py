@@ -97,7 +97,9 @@ def _capture_block_outputs(module_list):
     return outputs, hooks
 
 
-@pytest.mark.parametrize("reference_path", [False, True], ids=["attention", "reference_path"])
+@pytest.mark.parametrize(
+    "reference_path", [False, True, "motion"], ids=["attention", "reference_path", "motion"]
+)
 @pytest.mark.parametrize("attention", ["temporal", "spatiotemporal"])
 def test_identity_attention_in_generator(attention, reference_path):
     torch.manual_seed(0)
@@ -106,7 +108,10 @@ def test_identity_attention_in_generator(attention, reference_path):
         preset="debug",
         cfg_dropout=0.0,
         prediction="x0" if reference_path else "velocity",
-        generator={"reference_path": reference_path},
+        generator={
+            "reference_path": bool(reference_path),
+            "reference_motion": reference_path == "motion",
+        },
     )
     model = _perturbed(build_model(cfg)).eval()
     frames, size = 5, 32
@@ -247,9 +252,11 @@ def test_neighbour_references_are_the_nearest_reference_on_each_side():
     torch.testing.assert_close(d_after[0], torch.tensor([1, 0, 2, 1, 0, 6]) / 6)
 
 
-def test_untrained_reference_path_predicts_the_linear_blend_and_needs_x0():
+@pytest.mark.parametrize("motion", [False, True], ids=["blend", "motion"])
+def test_untrained_reference_path_predicts_the_linear_blend_and_needs_x0(motion):
     torch.manual_seed(0)
-    cfg = ModelConfig(preset="debug", prediction="x0", generator={"reference_path": True})
+    generator = {"reference_path": True, "reference_motion": motion}
+    cfg = ModelConfig(preset="debug", prediction="x0", generator=generator)
     model = build_model(cfg)
     # Interpolation (frames 0 and 4 given) and image-to-video (frame 0 given).
     mask = torch.tensor([[True, False, False, False, True], [True, False, False, False, False]])
@@ -263,6 +270,30 @@ def test_untrained_reference_path_predicts_the_linear_blend_and_needs_x0():
         torch.testing.assert_close(out[1, k], hi[1, 0])
     with pytest.raises(ValueError, match="prediction: x0"):
         ModelConfig(preset="debug", generator={"reference_path": True})
+    with pytest.raises(ValueError, match="reference_path: true"):
+        ModelConfig(preset="debug", prediction="x0", generator={"reference_motion": True})
+
+
+def test_reference_motion_moves_the_references_along_the_predicted_field():
+    """A constant motion field of k pixels fetches each reference from k pixels away."""
+    cfg = ModelConfig(
+        preset="debug",
+        prediction="x0",
+        generator={"reference_path": True, "reference_motion": True},
+    )
+    path = build_model(cfg).generator.references
+    b, t, c, h, w = 1, 3, 3, 16, 16
+    before, after = torch.rand(b, t, c, h, w), torch.rand(b, t, c, h, w)
+    hidden = torch.randn(b, t, (h // path.patch) * (w // path.patch), path.motion.in_features)
+    with torch.no_grad():
+        path.motion.weight.zero_()
+        # Before: 2 px to the right (dx = +2); after: 2 px down (dy = +2), in pixels / gain.
+        path.motion.bias.copy_(torch.tensor([2.0, 0.0, 0.0, 2.0]) / path.MOTION_GAIN)
+        moved_before, moved_after = path.warp(before, after, hidden)
+    torch.testing.assert_close(moved_before[..., :, :-2], before[..., :, 2:])
+    torch.testing.assert_close(moved_after[..., :-2, :], after[..., 2:, :])
+    # Border padding: what lies beyond the frame repeats its edge.
+    torch.testing.assert_close(moved_before[..., :, -1], before[..., :, -1])
 
 
 def test_x0_prediction_samples_through_the_velocity_it_implies():

@@ -27,7 +27,10 @@ to their weights (per frame, from the distances, the noise level and how much th
 references differ; per pixel, from the last hidden state) plus the transformer's own output.
 So carrying the references' content to the generated frames is there from the first step
 instead of being learned through attention, and training learns what to change in the blend.
-Measured in bench/quality.py (issue 12).
+With ``reference_motion`` the two references are first warped (bilinear ``grid_sample``) along
+a motion field the transformer predicts per token, zero at initialisation: what a blend of a
+moving scene lacks is where things moved, and a warp expresses that with four numbers per
+token where pixel corrections need every pixel. Measured in bench/quality.py (issue 12).
 """
 
 from __future__ import annotations
@@ -94,7 +97,11 @@ class ReferencePath(nn.Module):
     # by GAIN so a short run gets there (measured: bench/quality.py, issue 12).
     GAIN = 10.0
 
-    def __init__(self, in_channels: int, patch: int, width: int):
+    # The motion field's unit: one output of ``motion`` moves a reference by this many pixels
+    # (latent pixels) of the frame.
+    MOTION_GAIN = 2.0
+
+    def __init__(self, in_channels: int, patch: int, width: int, motion: bool = False):
         super().__init__()
         self.patch = patch
         # Neighbouring references (2 C channels) and their two distance maps, per patch.
@@ -104,12 +111,17 @@ class ReferencePath(nn.Module):
         self.frame_mix = nn.Sequential(nn.Linear(6, 64), nn.SiLU(), nn.Linear(64, 3))
         # Per pixel, from the last hidden state: corrections to the weights of both references.
         self.pixel_mix = nn.Linear(width, patch * patch * 2)
+        # Per token, from the last hidden state: where to fetch each reference from (dx, dy for
+        # the one before, dx, dy for the one after), upsampled bilinearly to every pixel.
+        self.motion = nn.Linear(width, 4) if motion else None
 
     def zero_init(self) -> None:
         """The learned corrections start at zero: an untrained model's x0 prediction is the
         linear blend of the references (a copy of the one reference next to a frame that has
         only one, as in image-to-video), and training learns what to change in it."""
-        for layer in (self.frame_mix[-1], self.pixel_mix):
+        for layer in (self.frame_mix[-1], self.pixel_mix, self.motion):
+            if layer is None:
+                continue
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -138,9 +150,37 @@ class ReferencePath(nn.Module):
         prior_before, prior_after = (
             p[..., None, None, None] for p in blend_weights(d_before, d_after)
         )
+        if self.motion is not None:
+            before, after = self.warp(before, after, hidden_BTnD)
         w_before = prior_before + w_BT3[:, :, 0] + pixel_BT2HW[:, :, :1]
         w_after = prior_after + w_BT3[:, :, 1] + pixel_BT2HW[:, :, 1:]
         return w_before * before + w_after * after + w_BT3[:, :, 2] * x_t_BTCHW
+
+    def warp(self, before_BTCHW, after_BTCHW, hidden_BTnD):
+        """Both references moved along the motion field predicted from ``hidden_BTnD``."""
+        b, t, c, h, w = before_BTCHW.shape
+        hp, wp = h // self.patch, w // self.patch
+        flow = rearrange(self.motion(hidden_BTnD), "b t (y x) f -> (b t) f y x", y=hp, x=wp)
+        flow = F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=False)
+        # Pixels -> grid_sample's [-1, 1] coordinates (x along the width, y along the height).
+        scale = flow.new_tensor([2.0 / w, 2.0 / h, 2.0 / w, 2.0 / h])[None, :, None, None]
+        flow = rearrange(flow * scale * self.MOTION_GAIN, "bt (s f) y x -> s bt y x f", s=2)
+        ys = torch.linspace(-1 + 1 / h, 1 - 1 / h, h, device=flow.device, dtype=flow.dtype)
+        xs = torch.linspace(-1 + 1 / w, 1 - 1 / w, w, device=flow.device, dtype=flow.dtype)
+        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # H W 2, (x, y)
+
+        def move(frames_BTCHW, flow_btyx2):
+            flat = rearrange(frames_BTCHW, "b t c h w -> (b t) c h w")
+            moved = F.grid_sample(
+                flat,
+                grid + flow_btyx2,
+                mode="bilinear",
+                padding_mode="border",
+                align_corners=False,
+            )
+            return rearrange(moved, "(b t) c h w -> b t c h w", b=b)
+
+        return move(before_BTCHW, flow[0]), move(after_BTCHW, flow[1])
 
 
 class GeneratorBlock(nn.Module):
@@ -204,7 +244,11 @@ class Generator(nn.Module):
         self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Linear(d, 2 * d)
         self.final = nn.Linear(d, p * p * in_channels)
-        self.references = ReferencePath(in_channels, p, d) if cfg.reference_path else None
+        self.references = (
+            ReferencePath(in_channels, p, d, motion=cfg.reference_motion)
+            if cfg.reference_path
+            else None
+        )
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
