@@ -300,17 +300,11 @@ def _local_final(final_url: str, tmp: str) -> str:
 
 
 def experiment_id(client, name: str) -> str:
-    """Find or create experiment ``name``; with a SQLite store, artifacts go beside the file."""
-    found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    uri = client.tracking_uri
-    artifacts = (
-        Path(uri.removeprefix("sqlite:///")).parent.joinpath("mlartifacts").as_uri()
-        if uri.startswith("sqlite:///")
-        else None
-    )
-    return client.create_experiment(name, artifact_location=artifacts)
+    """Find or create experiment ``name`` (``ensure_experiment``: tagged, artifacts beside a
+    SQLite store)."""
+    from mardini.train.tracking import ensure_experiment
+
+    return ensure_experiment(name, uri=client.tracking_uri)
 
 
 def log_model(

@@ -18,6 +18,9 @@ from mardini.storage import store_root
 
 log = logging.getLogger(__name__)
 
+# The experiment tag that makes MLflow's UI open the model-training view (not the GenAI one).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
 _SECRET = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key)", re.I)
 
 
@@ -37,20 +40,24 @@ def tracking_uri(store: str | None = None) -> str:
 
 
 def ensure_experiment(name: str, store: str | None = None, uri: str | None = None) -> str:
-    """Create (or find) the experiment ``name``; local artifacts live beside the SQLite file.
+    """Create (or find) the experiment ``name``, tagged as a model-training experiment (an
+    existing one gets the tag too); local artifacts live beside the SQLite file.
 
     Uses an explicit client: no global MLflow state changes (the flow runs many curricula)."""
     from mlflow.tracking import MlflowClient
 
     uri = uri or tracking_uri(store)
     client = MlflowClient(uri)
+    key, kind = EXPERIMENT_KIND
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if experiment.tags.get(key) != kind:
+            client.set_experiment_tag(experiment.experiment_id, key, kind)
         return experiment.experiment_id
     artifacts = None
     if uri.startswith("sqlite:///"):
         artifacts = Path(uri.removeprefix("sqlite:///")).parent.joinpath("mlartifacts").as_uri()
-    return client.create_experiment(name, artifact_location=artifacts)
+    return client.create_experiment(name, artifact_location=artifacts, tags={key: kind})
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, str]:
@@ -67,6 +74,15 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
     else:
         out[prefix.rstrip(".")] = str(data)[:500]
     return out
+
+
+def log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
+    """Log ``params`` flattened (keys within MLflow's 250 characters) in batches of 100."""
+    from mlflow.entities import Param
+
+    flat = [Param(k[:250], v) for k, v in flatten(params).items()]
+    for i in range(0, len(flat), 100):
+        client.log_batch(run_id, params=flat[i : i + 100])
 
 
 def git_commit() -> str:
