@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from mardini.eval import (
     run_evaluation,
     ssim,
 )
+from mardini.eval.evaluate import PER_FRAME_TABLE
 from mardini.eval.metrics import I3DFeatures
 from mardini.eval.pictures import layout
 from mardini.generate import load_model
@@ -240,8 +242,16 @@ def test_evaluation_end_to_end_json_mlflow_and_samples(
     assert run.data.metrics["interp_psnr"] == pytest.approx(m["interp_psnr"])
     assert run.data.tags["eval.samples.interp"].startswith("ground truth")
     assert "not configured" in run.data.tags["eval.fvd_interp"]
-    history = client.get_metric_history(run.info.run_id, "interp_psnr_per_frame")
-    assert sorted(h.step for h in history) == [1, 2]
+    # Per-frame curves are a table artifact, not metrics stepped by frame index.
+    assert not [k for k in run.data.metrics if k.endswith("_per_frame") and "seconds" not in k]
+    logged = json.loads(
+        Path(client.download_artifacts(run.info.run_id, PER_FRAME_TABLE, str(tmp_path))).read_text()
+    )
+    table = {c: [row[i] for row in logged["data"]] for i, c in enumerate(logged["columns"])}
+    assert table["frame"] == [0, 1, 2, 3]
+    curve = table["interp_psnr_per_frame"]
+    assert curve[0] is None  # given frames have no value
+    assert curve[1] == pytest.approx(result.per_frame["interp_psnr"][1])
     files = {a.path for a in client.list_artifacts(run.info.run_id, "eval/samples")}
     assert {f"eval/samples/{t}.{ext}" for t in ("interp", "i2v") for ext in ("mp4", "gif")} <= files
     grid = read_video(out / "samples" / "interp.mp4")

@@ -376,6 +376,20 @@ def write_outputs(result: EvalResult, out_dir: str | Path, fps: float | None = N
     return paths
 
 
+# The run artifact holding the per-frame curves (columns: frame, then ``{metric}_per_frame``).
+PER_FRAME_TABLE = "eval/per_frame.json"
+
+
+def per_frame_table(per_frame: dict[str, list[float | None]]) -> dict[str, list]:
+    """Per-frame curves as table columns: ``frame`` and one ``{metric}_per_frame`` per metric
+    (None at the given frames)."""
+    frames = max(len(values) for values in per_frame.values())
+    table: dict[str, list] = {"frame": list(range(frames))}
+    for name, values in per_frame.items():
+        table[f"{name}_per_frame"] = list(values) + [None] * (frames - len(values))
+    return table
+
+
 def log_to_mlflow(
     result: EvalResult,
     out_dir: str | Path,
@@ -384,8 +398,9 @@ def log_to_mlflow(
     experiment: str | None = None,
     step: int = 0,
 ) -> str:
-    """Log metrics, per-frame curves and ``out_dir``'s files to ``run_id`` (or a new run named
-    ``eval-{stage}`` in ``experiment``); returns the run id."""
+    """Log metrics (at ``step``), the per-frame curves (table ``eval/per_frame.json``) and
+    ``out_dir``'s files to ``run_id`` (or a new run ``eval-{stage}`` in ``experiment``); returns
+    the run id."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
@@ -400,13 +415,13 @@ def log_to_mlflow(
         )
         run_id = run.info.run_id
     now = int(time.time() * 1000)
+    # At the stage's last training step: the eval points sit at the end of the loss curve.
     batch = [Metric(k, float(v), now, step) for k, v in result.metrics.items()]
-    for name, values in result.per_frame.items():
-        batch += [
-            Metric(f"{name}_per_frame", v, now, t) for t, v in enumerate(values) if v is not None
-        ]
     for i in range(0, len(batch), 900):
         client.log_batch(run_id, metrics=batch[i : i + 900])
+    if result.per_frame:
+        # A table, not metrics: a frame index is no training step (it would bend the x axis).
+        client.log_table(run_id, per_frame_table(result.per_frame), PER_FRAME_TABLE)
     client.set_tag(run_id, "eval.clips", str(result.clips))
     for key, why in result.unavailable.items():
         if why.startswith("not configured"):
