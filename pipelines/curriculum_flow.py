@@ -29,7 +29,8 @@ from mardini.config import CurriculumConfig, load_config
 from mardini.progress import StageEvent, emit
 from mardini.storage import filesystem, join, store_root
 from mardini.train.checkpoint import stage_dir
-from mardini.train.tracking import ensure_experiment, tracking_uri
+from mardini.train.tracking import ensure_experiment, log_params, tracking_uri
+from pipelines.artifacts import StageProgress, publish_stage_report, stage_markdown
 from pipelines.promotion import alias_version, promote, registered_name
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,8 @@ def train_stage(
         "MLFLOW_TRACKING_URI": tracking_uri(store),
     }
     start = time.monotonic()
+    total = cfg.stage(stage).steps
+    progress = StageProgress(stage, total)  # the flow run's progress bar while the job runs
     if launcher == "local":
         from pipelines.launchers.local import run_local
 
@@ -110,6 +113,7 @@ def train_stage(
             nproc_per_node=nproc_per_node,
             env=env,
             timeout_s=timeout_s,
+            on_step=progress.step,
         )
     elif launcher == "kubeflow":
         from pipelines.launchers.kubeflow_run import run_pytorchjob
@@ -118,6 +122,7 @@ def train_stage(
                        nproc_per_node=nproc_per_node, run_id=parent_run_id, timeout_s=timeout_s)  # fmt: skip
     else:
         raise ValueError(f"unknown launcher {launcher!r}; use 'local' or 'kubeflow'")
+    progress.set(total, f"stage {stage}: trained, {total}/{total} steps")
     final = join(stage_dir(store, cfg.name, stage), "final")
     fs, path = filesystem(final)
     meta = json.loads(fs.cat_file(f"{path}/config.json"))
@@ -239,6 +244,7 @@ def train_curriculum(
     # Created with the first stage that has work: a rerun that skips every stage adds no run.
     parent_id: str | None = None
     promoted: dict[str, str] = {}
+    summary: list[dict[str, Any]] = []  # one row per stage: the parent run's summary table
     status = "FAILED"
     try:
         for index, stage in enumerate(cfg.stages):
@@ -248,9 +254,11 @@ def train_curriculum(
                 logger.info("stage %s already promoted (version %s): skipped", stage.name, done)
                 emit(StageEvent(stage.name, "skipped", text=f"already promoted (version {done})"))
                 promoted[stage.name] = done
+                summary.append(_summary_row(stage.name, done, "skipped (promoted before)", {}))
                 continue
             if parent_id is None:
                 parent_id = _start_parent_run(client, uri, cfg.name, experiment_id, launcher)
+                log_params(client, parent_id, cfg.model_dump(mode="json", exclude={"source"}))
             if cfg.data.latents and stage.kind != "autoencoder":
                 url = cache_stage_latents(cfg, stage.name, store)
                 logger.info("stage %s: latents cached at %s", stage.name, url)
@@ -273,15 +281,18 @@ def train_curriculum(
             emit(StageEvent(stage.name, "evaluate"))
             metrics = evaluate_stage(cfg, stage.name, meta["final_url"], store, run_id, uri)
             version = register_candidate(cfg, stage.name, meta["final_url"], run_id, uri, metrics)
+            link = _run_link(uri, experiment_id, run_id)
             try:
-                report = apply_gates(
-                    cfg, stage.name, metrics, _run_link(uri, experiment_id, run_id)
-                )
+                report = apply_gates(cfg, stage.name, metrics, link)
             except GateFailed as err:
                 describe_version(client, name, version, str(err))  # the evidence for a person
                 emit(StageEvent(stage.name, "gates", text=str(err), passed=False))
+                summary.append(_summary_row(stage.name, version, "FAILED", metrics))
+                _stage_report(stage.name, str(err), False, metrics, uri, experiment_id, run_id, version)  # fmt: skip
                 raise
             describe_version(client, name, version, report)
+            summary.append(_summary_row(stage.name, version, "passed", metrics))
+            _stage_report(stage.name, report, True, metrics, uri, experiment_id, run_id, version)
             logger.info("stage %s passed its gates:\n%s", stage.name, report)
             emit(StageEvent(stage.name, "gates", text=report, passed=True))
             promote(client, name, version, stage.name, last=last)
@@ -295,6 +306,7 @@ def train_curriculum(
         status = "FINISHED"
     finally:
         if parent_id is not None:
+            client.log_table(parent_id, _summary_table(summary), SUMMARY_TABLE)
             client.set_terminated(parent_id, status=status)
     if parent_id is None:
         logger.info("every stage of %s was promoted already: nothing to train", cfg.name)
@@ -305,6 +317,52 @@ def train_curriculum(
         promoted.get(cfg.stages[-1].name),
     )
     return promoted
+
+
+# The parent run's artifact holding one row per stage (stage, version, gates, key metrics).
+SUMMARY_TABLE = "curriculum_summary.json"
+
+
+def _summary_row(
+    stage: str, version: str | None, gates: str, metrics: dict[str, Any]
+) -> dict[str, Any]:
+    """A row of the curriculum's summary table."""
+    row: dict[str, Any] = {"stage": stage, "version": version, "gates": gates}
+    for key in KEY_METRICS:
+        value = metrics.get(key)
+        row[key] = value if isinstance(value, int | float) else None
+    return row
+
+
+def _summary_table(rows: list[dict[str, Any]]) -> Any:
+    """The rows as a DataFrame for ``MlflowClient.log_table`` (object columns: pandas' str
+    dtype makes MLflow's table check warn)."""
+    import pandas as pd
+
+    columns = ["stage", "version", "gates", *KEY_METRICS]
+    return pd.DataFrame({c: [row.get(c) for row in rows] for c in columns}, dtype=object)
+
+
+def _stage_report(
+    stage: str,
+    report: str,
+    passed: bool,
+    metrics: dict[str, Any],
+    uri: str,
+    experiment_id: str,
+    run_id: str | None,
+    version: str | None,
+) -> None:
+    """The stage's markdown artifact in Prefect: gate report, metrics, MLflow link."""
+    link = _run_link(uri, experiment_id, run_id)
+    if link.startswith("http"):
+        link = f"[{run_id}]({link})"  # clickable in Prefect's UI
+    verdict = "passed" if passed else "failed"
+    publish_stage_report(
+        stage,
+        stage_markdown(stage, report, passed, metrics, link, version),
+        description=f"stage {stage}: gates {verdict}, version {version}",
+    )
 
 
 def _start_parent_run(

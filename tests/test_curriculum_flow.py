@@ -3,6 +3,7 @@ SQLite MLflow registry, Prefect's test harness; a failing gate; a crashing rank.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -13,8 +14,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
+from mardini.eval.evaluate import PER_FRAME_TABLE
 from mardini.progress import LOGGER, StageEvent, event_of
-from pipelines.curriculum_flow import train_curriculum
+from pipelines.curriculum_flow import SUMMARY_TABLE, train_curriculum
 from pipelines.promotion import alias_version, registered_name
 from tests.conftest import CONFIGS
 
@@ -58,6 +60,33 @@ def _stage_runs(uri: str, curriculum: str) -> dict[str, list]:
     for run in runs:
         out.setdefault(run.data.tags.get("stage", "<parent>"), []).append(run)
     return out
+
+
+def _table(client: MlflowClient, run_id: str, path: str, tmp_path: Path) -> dict[str, list]:
+    """A table artifact logged with ``log_table``, as columns."""
+    saved = json.loads(Path(client.download_artifacts(run_id, path, str(tmp_path))).read_text())
+    return {c: [row[i] for row in saved["data"]] for i, c in enumerate(saved["columns"])}
+
+
+def _artifacts(
+    flow_run_id: str | None = None, artifact_type: str | None = None, key: str | None = None
+) -> list:
+    """Prefect artifacts read back through the API, filtered by flow run, type and key."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+        ArtifactFilterType,
+    )
+
+    found = ArtifactFilter(
+        flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]) if flow_run_id else None,
+        type=ArtifactFilterType(any_=[artifact_type]) if artifact_type else None,
+        key=ArtifactFilterKey(any_=[key]) if key else None,
+    )
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=found)
 
 
 def _no_training_processes_left() -> list[str]:
@@ -118,6 +147,42 @@ def test_every_stage_promoted_and_champion_set(tmp_path, train_shards, mlflow_ur
         assert float(version.tags["heldout_loss"]) == pytest.approx(child_loss, rel=1e-3)
     assert "interp_psnr" in client.get_model_version(name, promoted["joint-i2v"]).tags
 
+    # MLflow at a glance: the model-training view; eval metrics at the stage's last training
+    # step (beside the loss curve); per-frame curves as a table, never metrics stepped by frame.
+    assert client.get_experiment_by_name("flow-e2e").tags["mlflow.experimentKind"] == (
+        "custom_model_development"
+    )
+    for stage in stages:
+        (child,) = runs[stage]
+        frame_metrics = [k for k in child.data.metrics if k.endswith("_per_frame")]
+        assert all(k.endswith("_seconds_per_frame") for k in frame_metrics), frame_metrics
+        loss_steps = [m.step for m in client.get_metric_history(child.info.run_id, "loss")]
+        eval_steps = [m.step for m in client.get_metric_history(child.info.run_id, "heldout_loss")]
+        assert eval_steps == [max(loss_steps)] == [3]
+    eval_files = {a.path for a in client.list_artifacts(runs["joint-i2v"][0].info.run_id, "eval")}
+    assert PER_FRAME_TABLE in eval_files
+    # The parent run: the resolved config as params, the stage summary as a table.
+    params = parent[0].data.params
+    assert params["name"] == "flow-e2e" and params["model.preset"] == "debug"
+    assert params["stages.1.name"] == "dm" and params["stages.1.steps"] == "3"
+    summary = _table(client, parent[0].info.run_id, SUMMARY_TABLE, tmp_path)
+    assert summary["stage"] == stages and summary["gates"] == ["passed"] * len(stages)
+    assert summary["version"] == [promoted[s] for s in stages]
+    assert summary["heldout_loss"][0] == pytest.approx(runs["mar"][0].data.metrics["heldout_loss"])
+
+    # Prefect at a glance: a report per stage and a finished progress bar, in this flow run.
+    flow_run_id = parent[0].data.tags["prefect.flow_run_id"]
+    reports = _artifacts(flow_run_id, artifact_type="markdown")
+    for stage in stages:
+        (report,) = [a for a in reports if a.key == f"stage-{stage}"]
+        assert report.data.startswith(f"# Stage `{stage}` passed its gates")
+        assert "heldout_loss" in report.data and f"Model version: {promoted[stage]}" in report.data
+        assert runs[stage][0].info.run_id in report.data
+    assert "| interp_psnr |" in next(a for a in reports if a.key == "stage-joint-i2v").data
+    bars = {a.key: a for a in _artifacts(flow_run_id, artifact_type="progress")}
+    assert set(bars) == {f"progress-{stage}" for stage in stages}
+    assert all(bar.data == 100.0 for bar in bars.values())
+
     # The console's progress: every stage's last training step, read back from its rank's log.
     by_stage = {s: [e for e in progress_events if e.stage == s] for s in stages}
     for stage, events in by_stage.items():
@@ -130,6 +195,9 @@ def test_every_stage_promoted_and_champion_set(tmp_path, train_shards, mlflow_ur
     assert train_curriculum(config=config, store=str(tmp_path / "store")) == promoted
     assert len(_stage_runs(mlflow_uri, "flow-e2e")["<parent>"]) == 1
     assert [e.phase for e in progress_events] == ["skipped"] * len(stages)
+    # ... and the first run's stage reports stay findable under their keys.
+    (kept,) = [a for a in _artifacts(key="stage-mar") if str(a.flow_run_id) == flow_run_id]
+    assert kept.type == "markdown"
 
 
 def test_failed_gate_stops_the_flow_and_a_rerun_resumes(tmp_path, train_shards, mlflow_uri):

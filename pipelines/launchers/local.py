@@ -13,16 +13,18 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mardini.progress import emit, parse_step
+from mardini.progress import StageEvent, emit, parse_step
 from pipelines.launchers.contract import contract_words
 
 log = logging.getLogger(__name__)
@@ -85,8 +87,11 @@ def run_local(
     env: dict[str, str] | None = None,
     timeout_s: float | None = None,
     cwd: str | None = None,
+    on_step: Callable[[StageEvent], None] | None = None,
 ) -> LocalResult:
-    """Run the stage's job to completion; raise ``LaunchError`` with the failing node's log tail."""
+    """Run the stage's job to completion; raise ``LaunchError`` with the failing node's log tail.
+
+    ``on_step`` sees every training step event, called from this (the caller's) thread."""
     port = free_port()
     base = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     if not _has_cuda():
@@ -99,6 +104,7 @@ def run_local(
     tails: list[collections.deque] = []
     logs: list[str] = []
     lock = threading.Lock()
+    steps: queue.Queue[StageEvent] = queue.Queue()
 
     def pump(node: int, proc: subprocess.Popen, tail: collections.deque) -> None:
         for line in proc.stdout:  # type: ignore[union-attr]
@@ -106,7 +112,9 @@ def run_local(
             tail.append(line)
             with lock:
                 logs.append(f"[node {node}] {line}")
-            relay_line(stage, node, line)
+            event = relay_line(stage, node, line)
+            if event is not None and on_step is not None:
+                steps.put(event)
 
     start = time.monotonic()
     try:
@@ -123,6 +131,7 @@ def run_local(
             procs.append(proc)
             tails.append(tail)
         while True:
+            _drain(steps, on_step)
             codes = [p.poll() for p in procs]
             failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
             if failed:
@@ -135,6 +144,8 @@ def run_local(
                     list(tails[node]),
                 )
             if all(c == 0 for c in codes):
+                time.sleep(0.2)  # the pump threads' last lines: the final step
+                _drain(steps, on_step)
                 return LocalResult(time.monotonic() - start, logs)
             if timeout_s is not None and time.monotonic() - start > timeout_s:
                 _teardown(procs)
@@ -147,12 +158,23 @@ def run_local(
         raise
 
 
-def relay_line(stage: str, node: int, line: str) -> None:
-    """Log one line of a node's output; a training step line also becomes a progress event."""
+def relay_line(stage: str, node: int, line: str) -> StageEvent | None:
+    """Log one line of a node's output; a training step line also becomes a progress event,
+    which is returned."""
     log.info("[%s node %d] %s", stage, node, line)
     event = parse_step(line)
     if event is not None:
         emit(event)
+    return event
+
+
+def _drain(steps: queue.Queue, on_step: Callable[[StageEvent], None] | None) -> None:
+    """Hand the step events the pump threads queued to ``on_step``, in order."""
+    while on_step is not None:
+        try:
+            on_step(steps.get_nowait())
+        except queue.Empty:
+            return
 
 
 def _failing_rank(tail: collections.deque) -> str:
