@@ -354,9 +354,7 @@ def _stage_report(
     version: str | None,
 ) -> None:
     """The stage's markdown artifact in Prefect: gate report, metrics, MLflow link."""
-    link = _run_link(uri, experiment_id, run_id)
-    if link.startswith("http"):
-        link = f"[{run_id}]({link})"  # clickable in Prefect's UI
+    link = _markdown_link(uri, experiment_id, run_id)
     verdict = "passed" if passed else "failed"
     publish_stage_report(
         stage,
@@ -389,13 +387,19 @@ def _run_link(base: str, experiment_id: str, run_id: str | None) -> str:
     return f"run {run_id} in {base}"
 
 
+def _markdown_link(base: str, experiment_id: str, run_id: str | None) -> str:
+    """``_run_link`` as markdown: clickable in Prefect's UI when it is a server URL."""
+    link = _run_link(base, experiment_id, run_id)
+    return f"[{run_id}]({link})" if link.startswith("http") else link
+
+
 def _link_runs(client: MlflowClient, uri: str, parent_id: str, experiment_id: str) -> None:
     """Cross-link: the Prefect flow run shows the MLflow run; the MLflow run names the flow run."""
     link = _run_link(uri, experiment_id, parent_id)
     try:
         create_markdown_artifact(
             key="mlflow-run",
-            markdown=f"MLflow parent run: {link}",
+            markdown=f"MLflow parent run: {_markdown_link(uri, experiment_id, parent_id)}",
             description="MLflow run of this flow run",
         )
     except Exception:  # no Prefect API (e.g. called as a plain function): the MLflow tag suffices

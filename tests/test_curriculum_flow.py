@@ -248,3 +248,18 @@ def test_a_crashing_rank_fails_the_flow_with_its_log_tail(
     assert "stage 'mar'" in message and "exited with code" in message
     assert "last log lines" in message and "rank" in message
     assert _no_training_processes_left() == []
+
+
+def test_stage_report_keys_and_clickable_links():
+    from pipelines.artifacts import artifact_key, stage_markdown
+    from pipelines.curriculum_flow import _markdown_link
+
+    assert artifact_key("stage", "Joint_I2V.v2") == "stage-joint-i2v-v2"
+    link = _markdown_link("http://mlflow:5000", "3", "abc")
+    assert link == "[abc](http://mlflow:5000/#/experiments/3/runs/abc)"
+    assert _markdown_link("sqlite:///x.db", "3", "abc") == "run abc in sqlite:///x.db"
+    metrics = {"interp_psnr": 20.0, "baseline_nearest_interp_psnr": 19.0, "heldout_loss": 0.1}
+    markdown = stage_markdown("joint-i2v", "gates: FAILED", False, metrics, link, "4")
+    assert markdown.startswith("# Stage `joint-i2v` FAILED its gates")
+    assert link in markdown and "| interp_psnr | 20 | 19 | – |" in markdown
+    assert "| heldout_loss | 0.1 |" in markdown
