@@ -263,3 +263,13 @@ def test_stage_report_keys_and_clickable_links():
     assert markdown.startswith("# Stage `joint-i2v` FAILED its gates")
     assert link in markdown and "| interp_psnr | 20 | 19 | – |" in markdown
     assert "| heldout_loss | 0.1 |" in markdown
+
+
+def test_an_existing_experiment_gets_the_model_training_kind(mlflow_uri):
+    from mardini.train.tracking import EXPERIMENT_KIND, ensure_experiment
+
+    client = MlflowClient(mlflow_uri)
+    created = client.create_experiment("made-before")  # e.g. by an older version of this code
+    assert EXPERIMENT_KIND[0] not in client.get_experiment(created).tags
+    assert ensure_experiment("made-before", uri=mlflow_uri) == created
+    assert client.get_experiment(created).tags[EXPERIMENT_KIND[0]] == "custom_model_development"
