@@ -29,6 +29,9 @@ from pipelines.launchers.contract import contract_words
 
 log = logging.getLogger(__name__)
 
+# How long the launcher waits for a finished node's remaining output lines.
+PUMP_JOIN_S = 5.0
+
 TAIL_LINES = 40
 
 
@@ -105,6 +108,13 @@ def run_local(
     logs: list[str] = []
     lock = threading.Lock()
     steps: queue.Queue[StageEvent] = queue.Queue()
+    pumps: list[threading.Thread] = []
+
+    def finish_pumps() -> None:
+        # A pump ends at its node's end of output; a lingering grandchild holding the pipe
+        # open must not hold the launcher, hence the bound.
+        for pump_thread in pumps:
+            pump_thread.join(timeout=PUMP_JOIN_S)
 
     def pump(node: int, proc: subprocess.Popen, tail: collections.deque) -> None:
         for line in proc.stdout:  # type: ignore[union-attr]
@@ -127,7 +137,8 @@ def run_local(
                 text=True, start_new_session=True,  # its own process group: we can kill all ranks
             )  # fmt: skip
             tail: collections.deque = collections.deque(maxlen=TAIL_LINES)
-            threading.Thread(target=pump, args=(node, proc, tail), daemon=True).start()
+            pumps.append(threading.Thread(target=pump, args=(node, proc, tail), daemon=True))
+            pumps[-1].start()
             procs.append(proc)
             tails.append(tail)
         while True:
@@ -137,14 +148,14 @@ def run_local(
             if failed:
                 node = failed[0]
                 _teardown(procs)
-                time.sleep(0.2)  # let the pump threads drain the last lines
+                finish_pumps()  # the failing node's last lines belong in the error
                 raise LaunchError(
                     f"stage {stage!r}: node {node} exited with code {codes[node]}"
                     + _failing_rank(tails[node]),
                     list(tails[node]),
                 )
             if all(c == 0 for c in codes):
-                time.sleep(0.2)  # the pump threads' last lines: the final step
+                finish_pumps()  # the final step line
                 _drain(steps, on_step)
                 return LocalResult(time.monotonic() - start, logs)
             if timeout_s is not None and time.monotonic() - start > timeout_s:
