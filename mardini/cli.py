@@ -304,15 +304,48 @@ def train(
 
 @app.command()
 def promote(
-    curriculum: str = typer.Option(..., help="Curriculum name (registered model mardini-NAME)."),
-    version: str = typer.Option(..., help="Model version to promote."),
-    stage: str = typer.Option(..., help="Stage alias to move to that version."),
+    curriculum: str = typer.Option(None, help="Curriculum name (registered model mardini-NAME)."),
+    version: str = typer.Option(None, help="Model version to promote."),
+    stage: str = typer.Option(None, help="Stage alias to move to that version."),
     champion: bool = typer.Option(False, help="Also move the champion alias."),
+    approve: bool = typer.Option(
+        False, "--approve", help="Approve the candidate a waiting flow run asks about."
+    ),
+    reject: bool = typer.Option(
+        False, "--reject", help="Reject the candidate a waiting flow run asks about."
+    ),
+    flow_run: str = typer.Option(
+        None, help="The waiting flow run (id); default: the only train-curriculum run waiting."
+    ),
+    note: str = typer.Option("", help="Why: recorded on the model version with your name."),
     store: str = typer.Option(
         None, help="Store whose SQLite MLflow to use (unless MLFLOW_TRACKING_URI)."
     ),
 ) -> None:
-    """Promote a registered version by hand: move alias STAGE (and champion) to VERSION."""
+    """Promote a registered version by hand (move alias STAGE, and champion, to VERSION), or
+    answer a flow run waiting at a manual stage: --approve / --reject [--flow-run ID] [--note]."""
+    if approve or reject:
+        if approve and reject:
+            raise typer.BadParameter("give --approve or --reject, not both")
+        from pipelines.approval import Decision, answer_waiting_run, cli_reviewer
+
+        decision = Decision(
+            decision="approve" if approve else "reject", note=note, reviewer=cli_reviewer()
+        )
+        try:
+            run_name = answer_waiting_run(decision, flow_run)
+        except LookupError as err:
+            console.print(f"[red]{err}[/red]")
+            raise typer.Exit(1) from err
+        console.print(f"flow run {run_name}: {decision.decision} sent (by {decision.reviewer})")
+        return
+    missing = [n for n, v in (("--curriculum", curriculum), ("--version", version),
+                              ("--stage", stage)) if not v]  # fmt: skip
+    if missing:
+        raise typer.BadParameter(
+            f"promoting by hand needs {', '.join(missing)}; or answer a waiting flow run "
+            "with --approve / --reject"
+        )
     from mlflow.tracking import MlflowClient
 
     from mardini.train.tracking import tracking_uri

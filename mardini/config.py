@@ -325,6 +325,10 @@ class StageConfig(_Strict):
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)
     gates: list[GateConfig] = Field(default_factory=list)
+    # After the gates pass: move the stage's alias at once (``auto``), or wait for a person to
+    # approve or reject it in the Prefect UI or with ``mardini promote --approve`` (``manual``).
+    # None: the curriculum's ``promotion``.
+    promotion: Literal["auto", "manual"] | None = None
 
 
 class SampleConfig(_Strict):
@@ -344,6 +348,10 @@ class CurriculumConfig(_Strict):
     sample: SampleConfig = Field(default_factory=SampleConfig)
     stages: list[StageConfig]
     seed: int = 0
+    # Every stage's promotion unless the stage says otherwise (see StageConfig.promotion), and
+    # how long a manual stage waits for its decision before the flow fails.
+    promotion: Literal["auto", "manual"] = "auto"
+    approval_timeout_s: int = Field(7 * 24 * 3600, ge=1)
     # Where the resolved config came from; filled by load_config.
     source: str | None = None
 
@@ -369,6 +377,10 @@ class CurriculumConfig(_Strict):
         if not self.stages:
             raise ValueError("a curriculum needs at least one stage")
         return self
+
+    def promotion_of(self, name: str) -> str:
+        """``auto`` or ``manual``: the stage's own setting, else the curriculum's."""
+        return self.stage(name).promotion or self.promotion
 
     def stage(self, name: str) -> StageConfig:
         """Return the stage called ``name``; the error lists the stages that exist."""

@@ -18,7 +18,7 @@ LOGGER = "mardini.progress"
 # The attribute of a log record that holds its StageEvent.
 EVENT_ATTR = "stage_event"
 
-Phase = Literal["train", "evaluate", "gates", "promoted", "skipped"]
+Phase = Literal["train", "evaluate", "gates", "approval", "promoted", "skipped"]
 
 _STEP = re.compile(
     r"stage (?P<stage>\S+) step (?P<step>\d+)/(?P<total>\d+) loss (?P<loss>[-+0-9.eE]+|nan|inf)"

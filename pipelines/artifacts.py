@@ -110,6 +110,42 @@ def stage_markdown(
     return "\n".join(lines)
 
 
+def approval_markdown(
+    stage: str,
+    version: str,
+    run_link: str,
+    samples: list[str],
+    flow_run_id: str,
+    deadline: str,
+) -> str:
+    """What a person reads before deciding: where the evidence is and how to answer (the gate
+    report and the metrics beside the baselines are the stage's report artifact)."""
+    lines = [
+        f"# Stage `{stage}`: version {version} waits for your decision",
+        "",
+        f"It passed its gates (report: artifact `{artifact_key('stage', stage)}`). "
+        f"MLflow run: {run_link}",
+        "",
+    ]
+    for url in samples:
+        name = url.split("?path=")[-1].split("&")[0].rsplit("/", 1)[-1]
+        # Images render where the picture is served over http (an MLflow tracking server).
+        lines += [f"![{name}]({url})" if url.startswith("http") else f"- samples: `{url}`", ""]
+    if samples:
+        lines += ["Sample columns: ground truth | nearest | blend | model.", ""]
+    lines += [
+        "## Decide",
+        "",
+        "- **Prefect UI**: this flow run's **Resume** button opens the form: `approve` or "
+        "`reject`, a note, your name.",
+        f'- **Terminal**: `mardini promote --approve --flow-run {flow_run_id} --note "..."` '
+        "(or `--reject`).",
+        "",
+        f"Without a decision by {deadline} (UTC) the flow fails and nothing is promoted.",
+    ]
+    return "\n".join(lines)
+
+
 def publish_stage_report(stage: str, markdown: str, description: str) -> None:
     """The stage's markdown artifact, keyed ``stage-<name>`` (a re-run adds a version)."""
     _quiet(

@@ -23,14 +23,27 @@ from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.runtime import flow_run
+from prefect.exceptions import Pause
+from prefect.runtime import deployment, flow_run
 
 from mardini.config import CurriculumConfig, load_config
 from mardini.progress import StageEvent, emit
 from mardini.storage import filesystem, join, store_root
 from mardini.train.checkpoint import stage_dir
 from mardini.train.tracking import ensure_experiment, log_params, tracking_uri
-from pipelines.artifacts import StageProgress, publish_stage_report, stage_markdown
+from pipelines.approval import (
+    PromotionRejected,
+    mark_pending,
+    pending_version,
+    record_decision,
+    wait_for_decision,
+)
+from pipelines.artifacts import (
+    StageProgress,
+    approval_markdown,
+    publish_stage_report,
+    stage_markdown,
+)
 from pipelines.promotion import alias_version, promote, registered_name
 
 log = logging.getLogger(__name__)
@@ -192,7 +205,11 @@ def register_candidate(
     model_uri = log_model(final_url, registered_model_name=name, run_id=run_id, tracking_uri=uri)
     version = model_uri.rsplit("/", 1)[-1]  # models:/name/version
     client = MlflowClient(uri, registry_uri=uri)
+    # A candidate still waiting for a decision from an ended flow run is replaced: say so.
+    pending_version(client, name, stage, str(flow_run.get_id() or ""))
     client.set_registered_model_alias(name, f"{stage}-candidate", version)
+    if run_id:
+        client.set_model_version_tag(name, version, "run_id", run_id)
     for key, value in version_tags(cfg, stage, metrics or {}).items():
         client.set_model_version_tag(name, version, key, value)
     return version
@@ -241,6 +258,7 @@ def train_curriculum(
     name = registered_name(cfg.name)
     client = MlflowClient(uri, registry_uri=uri)
     experiment_id = ensure_experiment(cfg.name, store, uri)
+    this_run = str(flow_run.get_id() or "")
     # Created with the first stage that has work: a rerun that skips every stage adds no run.
     parent_id: str | None = None
     promoted: dict[str, str] = {}
@@ -258,7 +276,19 @@ def train_curriculum(
                 continue
             if parent_id is None:
                 parent_id = _start_parent_run(client, uri, cfg.name, experiment_id, launcher)
-                log_params(client, parent_id, cfg.model_dump(mode="json", exclude={"source"}))
+                if not client.get_run(parent_id).data.params:
+                    log_params(client, parent_id, cfg.model_dump(mode="json", exclude={"source"}))
+            manual = cfg.promotion_of(stage.name) == "manual"
+            waiting = pending_version(client, name, stage.name, this_run) if manual else None
+            if waiting is not None:  # a resumed run: trained, evaluated, gated; decision left
+                logger.info("stage %s: version %s waits for its decision", stage.name, waiting)
+                tags = client.get_model_version(name, waiting).tags
+                summary.append(_summary_row(stage.name, waiting, "passed", _tag_metrics(tags)))
+                _decide(client, cfg, stage.name, waiting, uri, experiment_id, tags.get("run_id"))
+                promote(client, name, waiting, stage.name, last=last)
+                promoted[stage.name] = waiting
+                _emit_promoted(stage.name, waiting, last)
+                continue
             if cfg.data.latents and stage.kind != "autoencoder":
                 url = cache_stage_latents(cfg, stage.name, store)
                 logger.info("stage %s: latents cached at %s", stage.name, url)
@@ -295,17 +325,18 @@ def train_curriculum(
             _stage_report(stage.name, report, True, metrics, uri, experiment_id, run_id, version)
             logger.info("stage %s passed its gates:\n%s", stage.name, report)
             emit(StageEvent(stage.name, "gates", text=report, passed=True))
+            if manual:
+                _decide(client, cfg, stage.name, version, uri, experiment_id, run_id)
             promote(client, name, version, stage.name, last=last)
             promoted[stage.name] = version
-            champion = " and champion" if last else ""
-            emit(
-                StageEvent(
-                    stage.name, "promoted", text=f"version {version} as {stage.name}{champion}"
-                )
-            )
+            _emit_promoted(stage.name, version, last)
         status = "FINISHED"
+    except Pause:
+        # Suspended for a decision: the resumed run carries on with this MLflow run.
+        status = None
+        raise
     finally:
-        if parent_id is not None:
+        if parent_id is not None and status is not None:
             client.log_table(parent_id, _summary_table(summary), SUMMARY_TABLE)
             client.set_terminated(parent_id, status=status)
     if parent_id is None:
@@ -317,6 +348,87 @@ def train_curriculum(
         promoted.get(cfg.stages[-1].name),
     )
     return promoted
+
+
+def _emit_promoted(stage: str, version: str, last: bool) -> None:
+    champion = " and champion" if last else ""
+    emit(StageEvent(stage, "promoted", text=f"version {version} as {stage}{champion}"))
+
+
+def _tag_metrics(tags: dict[str, str]) -> dict[str, float]:
+    """A version's key-metric tags back as numbers (a resumed run's summary row)."""
+    out = {}
+    for key in KEY_METRICS:
+        try:
+            out[key] = float(tags[key])
+        except (KeyError, ValueError):
+            pass
+    return out
+
+
+def _decide(
+    client: MlflowClient,
+    cfg: CurriculumConfig,
+    stage: str,
+    version: str,
+    uri: str,
+    experiment_id: str,
+    run_id: str | None,
+) -> None:
+    """A manual stage: publish the evidence, wait for a person, record the decision; returns
+    when approved, raises ``PromotionRejected`` (or ``ApprovalTimedOut``) otherwise."""
+    from pipelines.approval import ApprovalTimedOut
+
+    logger = get_run_logger()
+    name = registered_name(cfg.name)
+    this_run = str(flow_run.get_id() or "")
+    samples = _sample_links(client, uri, run_id)
+    # Suspend (free the process) when a deployment can start this flow run again; else pause.
+    suspend = bool(deployment.get_id())
+    if client.get_model_version(name, version).tags.get("approval") != "pending":
+        deadline = mark_pending(client, name, version, this_run, cfg.approval_timeout_s)
+        markdown = approval_markdown(
+            stage, version, _markdown_link(uri, experiment_id, run_id), samples, this_run, deadline
+        )
+        publish_stage_report(f"{stage}-approval", markdown, f"stage {stage}: waiting for approval")
+        description = client.get_model_version(name, version).description or ""
+        evidence = "\n".join(["", "Waiting for approval. Evidence:", *samples])
+        client.update_model_version(name, version, description=description + evidence)
+        emit(StageEvent(stage, "approval", text=f"version {version} waits until {deadline}"))
+        logger.info(
+            "stage %s: version %s waits for a person (Prefect UI: this flow run's Resume, or "
+            "`mardini promote --approve --flow-run %s`), until %s",
+            stage, version, this_run, deadline,
+        )  # fmt: skip
+    try:
+        decision = wait_for_decision(stage, version, cfg.approval_timeout_s, suspend)
+    except ApprovalTimedOut:
+        record_decision(client, name, version, None, "timed out")
+        raise
+    if decision.decision == "approve":
+        line = record_decision(client, name, version, decision, "approved")
+        logger.info("stage %s version %s: %s", stage, version, line)
+        emit(StageEvent(stage, "approval", text=line))
+        return
+    line = record_decision(client, name, version, decision, "rejected")
+    emit(StageEvent(stage, "approval", text=line))
+    raise PromotionRejected(f"stage {stage!r} version {version}: {line}; nothing was promoted")
+
+
+def _sample_links(client: MlflowClient, uri: str, run_id: str | None) -> list[str]:
+    """The stage run's labelled sample GIFs: URLs on a tracking server, else artifact paths."""
+    if not run_id:
+        return []
+    try:
+        files = [f.path for f in client.list_artifacts(run_id, "eval/samples")]
+    except Exception as err:  # no artifacts (an eval without grids): no pictures, no failure
+        log.debug("no sample artifacts for run %s: %s", run_id, err)
+        return []
+    gifs = sorted(p for p in files if p.endswith(".gif"))
+    if uri.startswith("http"):
+        base = uri.rstrip("/")
+        return [f"{base}/get-artifact?path={p}&run_uuid={run_id}" for p in gifs]
+    return [f"{p} (artifact of run {run_id})" for p in gifs]
 
 
 # The parent run's artifact holding one row per stage (stage, version, gates, key metrics).
@@ -366,7 +478,17 @@ def _stage_report(
 def _start_parent_run(
     client: MlflowClient, uri: str, curriculum: str, experiment_id: str, launcher: str
 ) -> str:
-    """The MLflow run of this flow run, which the stages' runs nest under; returns its id."""
+    """The MLflow run of this flow run, which the stages' runs nest under; returns its id. A
+    flow run resumed after a suspension carries on with the run it started."""
+    this_run = flow_run.get_id()
+    if this_run:
+        found = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`prefect.flow_run_id` = '{this_run}' and attributes.status = 'RUNNING'",
+            max_results=1,
+        )
+        if found:
+            return found[0].info.run_id
     parent = client.create_run(
         experiment_id,
         run_name=f"curriculum {flow_run.get_name() or ''}".strip(),

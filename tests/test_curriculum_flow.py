@@ -273,3 +273,21 @@ def test_an_existing_experiment_gets_the_model_training_kind(mlflow_uri):
     assert EXPERIMENT_KIND[0] not in client.get_experiment(created).tags
     assert ensure_experiment("made-before", uri=mlflow_uri) == created
     assert client.get_experiment(created).tags[EXPERIMENT_KIND[0]] == "custom_model_development"
+
+
+def test_a_manual_stage_nobody_answers_times_out_cleanly(tmp_path, train_shards, mlflow_uri):
+    """Called directly (no deployment) a manual stage pauses in-process; with no decision in
+    ``approval_timeout_s`` the flow fails, the version says so, and no alias moves."""
+    from pipelines.approval import APPROVAL, ApprovalTimedOut
+
+    path = Path(_config(tmp_path, train_shards, "undecided"))
+    raw = yaml.safe_load(path.read_text())
+    raw["stages"] = raw["stages"][:1]
+    raw["promotion"], raw["approval_timeout_s"] = "manual", 3
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ApprovalTimedOut, match="no decision within 3 s"):
+        train_curriculum(config=str(path), store=str(tmp_path / "store"), nproc_per_node=1)
+    client, name = MlflowClient(mlflow_uri), registered_name("undecided")
+    assert alias_version(client, name, "mar") is None
+    candidate = alias_version(client, name, "mar-candidate")
+    assert client.get_model_version(name, candidate).tags[APPROVAL] == "timed out"
