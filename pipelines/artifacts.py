@@ -26,9 +26,9 @@ log = logging.getLogger(__name__)
 
 # Metrics shown beside their baselines: (model metric, nearest-frame, linear-blend).
 COMPARED = tuple(
-    (f"{task}_{m}", f"baseline_nearest_{task}_{m}", f"baseline_blend_{task}_{m}")
+    (name, f"baseline_nearest_{name}", f"baseline_blend_{name}")
     for task in ("interp", "i2v")
-    for m in ("psnr", "ssim")
+    for name in (f"{task}_psnr", f"{task}_ssim", f"fvd_{task}")
 )
 
 
@@ -127,10 +127,12 @@ def approval_markdown(
         f"MLflow run: {run_link}",
         "",
     ]
+    titles = {"interp.gif": "Interpolation", "i2v.gif": "Image-to-video"}
     for url in samples:
-        name = url.split("?path=")[-1].split("&")[0].rsplit("/", 1)[-1]
+        name = url.split("?path=")[-1].split("&")[0].split(" ")[0].rsplit("/", 1)[-1]
         # Images render where the picture is served over http (an MLflow tracking server).
-        lines += [f"![{name}]({url})" if url.startswith("http") else f"- samples: `{url}`", ""]
+        picture = f"![{name}]({url})" if url.startswith("http") else f"`{url}`"
+        lines += [f"**{titles.get(name, name)}**", "", picture, ""]
     if samples:
         lines += ["Sample columns: ground truth | nearest | blend | model.", ""]
     lines += [

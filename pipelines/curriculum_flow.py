@@ -166,6 +166,11 @@ KEY_METRICS = (
     "i2v_psnr",
     "baseline_nearest_i2v_psnr",
     "baseline_blend_i2v_psnr",
+    "fvd_interp",
+    "baseline_nearest_fvd_interp",
+    "fvd_i2v",
+    "baseline_nearest_fvd_i2v",
+    "fvd_real_halves",
     "ae_psnr",
 )
 

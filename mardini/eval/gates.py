@@ -10,7 +10,7 @@ A gate is ``{metric, min, max, beats, margin}`` (``mardini.config.GateConfig``):
 
 A gate naming a metric the platform does not know (a typo) raises ``UnknownMetricError``; a
 known metric that is missing from the results, or present as a string saying why it was not
-computed (FVD not configured, I2V on a ``mar`` stage), fails the gate with that reason; it
+computed (FVD turned off, I2V on a ``mar`` stage), fails the gate with that reason; it
 never passes. ``inf`` (identical frames) and ``nan`` compare as floats:
 ``nan`` fails every rule.
 """
@@ -39,12 +39,13 @@ LOWER_IS_BETTER = (
     "heldout_loss",
     "fvd_interp",
     "fvd_i2v",
+    "fvd_real_halves",
     "interp_seconds_per_frame",
     "i2v_seconds_per_frame",
 )
 MODEL_METRICS = HIGHER_IS_BETTER + LOWER_IS_BETTER
 # Baselines exist for the frame-quality metrics of interpolation and image-to-video.
-BASELINE_METRICS = ("interp_psnr", "interp_ssim", "i2v_psnr", "i2v_ssim")
+BASELINE_METRICS = ("interp_psnr", "interp_ssim", "i2v_psnr", "i2v_ssim", "fvd_interp", "fvd_i2v")
 _BASELINE = re.compile(rf"^baseline_({'|'.join(BASELINES)})_(.+)$")
 
 

