@@ -138,3 +138,14 @@ def test_shipped_configs_gate_on_known_metrics(config):
     cfg = load_config(CONFIGS / config)
     for stage in cfg.stages:
         validate_gates(stage.gates, where=f"{config}:{stage.name}")
+
+
+def test_fvd_beats_a_baseline_when_lower():
+    results = {"fvd_interp": 300.0, "baseline_blend_fvd_interp": 400.0}
+    assert check_gates([_gate(metric="fvd_interp", beats="blend")], results).passed
+    assert not check_gates(
+        [_gate(metric="fvd_interp", beats="blend", margin=150.0)], results
+    ).passed
+    worse = {**results, "fvd_interp": 450.0}
+    report = check_gates([_gate(metric="fvd_interp", beats="blend")], worse)
+    assert not report.passed and "baseline_blend_fvd_interp" in report.results[0].detail

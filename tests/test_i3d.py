@@ -47,6 +47,23 @@ def test_weights_pickle_may_hold_arrays_only(tmp_path, monkeypatch):
         load_i3d(tmp_path / "missing.ckpt")
 
 
+def test_every_array_of_the_weights_is_used_with_its_shape(tmp_path):
+    from mardini.eval.i3d import default_weights
+
+    raw = read_pickle(default_weights())
+    bias = raw["params"]["Conv3d_1a_7x7"]["BatchNorm_0"]["bias"]
+    extra = {**raw, "params": {**raw["params"], "stray": bias}}
+    (tmp_path / "extra.ckpt").write_bytes(pickle.dumps(extra))
+    with pytest.raises(WeightsError, match=r"1 arrays the network has no place for: \['params/stray'\]"):  # fmt: skip
+        load_i3d(tmp_path / "extra.ckpt")
+    head = raw["params"]["Logits/Conv3d_0c_1x1"]["Conv_0"]
+    wrong = {**head, "bias": head["bias"][:10]}
+    raw["params"]["Logits/Conv3d_0c_1x1"] = {"Conv_0": wrong}
+    (tmp_path / "wrong.ckpt").write_bytes(pickle.dumps(raw))
+    with pytest.raises(WeightsError, match=r"bias has shape \(10,\), expected \(400,\)"):
+        load_i3d(tmp_path / "wrong.ckpt")
+
+
 @pytest.mark.parametrize(
     ("size", "kernel", "stride", "pads"),
     [(224, 7, 2, (2, 3)), (112, 3, 2, (0, 1)), (16, 7, 2, (2, 3)), (5, 3, 1, (1, 1)),
@@ -72,19 +89,30 @@ def real_clips(bikes_path, carphone_path) -> torch.Tensor:
     return torch.stack(clips)  # 6 clips, 8 frames, 32 px, in [-1, 1]
 
 
-def test_fvd_ranks_noise_above_a_frozen_clip_above_the_real_ones(i3d, real_clips):
+def test_fvd_ranks_corruption_and_tells_real_sets_apart(i3d, real_clips):
     logits, pooled = i3d.embed(real_clips)
     assert logits.shape == (6, 400) and pooled.shape == (6, 1024)
     assert torch.isfinite(logits).all()
-    noise = torch.rand(real_clips.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert torch.equal(i3d.embed(real_clips)[0], logits)  # deterministic
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(real_clips.shape, generator=gen)
+
+    def corrupt(level: float) -> torch.Tensor:
+        return (real_clips + level * noise).clamp(-1, 1)
+
     frozen = real_clips[:, :1].expand_as(real_clips)  # what copying the first frame gives
     fvd = {
         name: frechet_distance(logits, i3d.embed(clips)[0])
-        for name, clips in (("real", real_clips), ("frozen", frozen), ("noise", noise))
-    }
-    assert fvd["real"] == pytest.approx(0.0, abs=1e-6)
+        for name, clips in (
+            ("itself", real_clips), ("light", corrupt(0.05)), ("heavy", corrupt(0.5)),
+            ("frozen", frozen),
+        )
+    }  # fmt: skip
+    assert fvd["itself"] == pytest.approx(0.0, abs=1e-6)
+    assert 0 < fvd["light"] < fvd["heavy"], fvd
     assert fvd["frozen"] > 10, fvd  # motion matters to I3D
-    assert fvd["noise"] > 3 * fvd["frozen"], fvd
+    # Two different real sets (bikes vs carphone windows) are apart.
+    assert frechet_distance(logits[:3], logits[3:]) > 10
 
 
 @pytest.mark.slow

@@ -257,23 +257,49 @@ def load_i3d(path: str | Path | None = None, device: str | torch.device = "cpu")
     return model.eval().to(device)
 
 
-def _assign(model: I3D, params: dict, stats: dict) -> None:
-    """Copy the Flax layout (kernels ``kT kH kW Cin Cout``, BN ``bias``/``mean``/``var``)."""
+def _leaves(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}/"))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
-    def unit(module: Unit3D, p: dict, s: dict) -> None:
-        kernel = torch.from_numpy(p["Conv_0"]["kernel"]).permute(4, 3, 0, 1, 2)
+
+def _assign(model: I3D, params: dict, stats: dict) -> None:
+    """Copy the Flax layout (kernels ``kT kH kW Cin Cout``, BN ``bias``/``mean``/``var``) into
+    ``model``: every array of the file is used once, each with exactly the expected shape."""
+    arrays = _leaves({"params": params, "batch_stats": stats})
+    used: set[str] = set()
+
+    def take(path: str, shape: tuple[int, ...]) -> torch.Tensor:
+        value = arrays[path]
+        tensor = torch.from_numpy(value).float()
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{path} has shape {tuple(tensor.shape)}, expected {shape}")
+        used.add(path)
+        return tensor
+
+    def unit(module: Unit3D, path: str) -> None:
+        w = module.conv.weight
+        c = w.shape[0]
+        kernel = take(f"params/{path}/Conv_0/kernel", (*w.shape[2:], w.shape[1], c))
         with torch.no_grad():
-            module.conv.weight.copy_(kernel)
-            module.beta.copy_(torch.from_numpy(p["BatchNorm_0"]["bias"]))
-            module.mean.copy_(torch.from_numpy(s["BatchNorm_0"]["mean"]).reshape(-1))
-            module.var.copy_(torch.from_numpy(s["BatchNorm_0"]["var"]).reshape(-1))
+            w.copy_(kernel.permute(4, 3, 0, 1, 2))
+            module.beta.copy_(take(f"params/{path}/BatchNorm_0/bias", (c,)))
+            module.mean.copy_(take(f"batch_stats/{path}/BatchNorm_0/mean", (1, 1, 1, 1, c))[0, 0, 0, 0])  # fmt: skip
+            module.var.copy_(take(f"batch_stats/{path}/BatchNorm_0/var", (1, 1, 1, 1, c))[0, 0, 0, 0])  # fmt: skip
 
     for name, module in model.stem.items():
-        unit(module, params[name], stats[name])
+        unit(module, name)
     for name, block in model.mixed.items():
-        for path, module in block.units.items():  # Flax names hold the '/': one key
-            unit(module, params[name][path], stats[name][path])
-    head = params["Logits/Conv3d_0c_1x1"]["Conv_0"]
+        for path, module in block.units.items():  # Flax names hold the '/'
+            unit(module, f"{name}/{path}")
+    head, w = "params/Logits/Conv3d_0c_1x1/Conv_0", model.logits.weight
     with torch.no_grad():
-        model.logits.weight.copy_(torch.from_numpy(head["kernel"]).permute(4, 3, 0, 1, 2))
-        model.logits.bias.copy_(torch.from_numpy(head["bias"]))
+        w.copy_(take(f"{head}/kernel", (1, 1, 1, w.shape[1], w.shape[0])).permute(4, 3, 0, 1, 2))
+        model.logits.bias.copy_(take(f"{head}/bias", (w.shape[0],)))
+    unused = sorted(set(arrays) - used)
+    if unused:
+        raise ValueError(f"{len(unused)} arrays the network has no place for: {unused[:5]}")
