@@ -283,9 +283,12 @@ def evaluate(
                     filled = baseline(video.cpu(), mask, base)
                     track(f"baseline_{base}_{task}_psnr", psnr(filled, video.cpu()), ~mask)
                     track(f"baseline_{base}_{task}_ssim", ssim(filled, video.cpu()), ~mask)
-                    columns.append(filled)
                     if i3d is not None:
-                        feats.setdefault(f"{base}:{task}", []).append(i3d(filled))
+                        # Image-to-video's blend is the nearest frame's copy: embed it once.
+                        same = len(columns) > 1 and torch.equal(filled, columns[-1])
+                        emb = feats[f"{BASELINES[0]}:{task}"][-1] if same else i3d(filled)
+                        feats.setdefault(f"{base}:{task}", []).append(emb)
+                    columns.append(filled)
                 columns.append(sample.cpu())
                 if room:
                     shown.setdefault(task, []).append([c[:room] for c in columns])
