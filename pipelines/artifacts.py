@@ -110,6 +110,31 @@ def stage_markdown(
     return "\n".join(lines)
 
 
+def held_out_summary(metrics: Mapping[str, Any]) -> str:
+    """One line per task: the model's held-out PSNR and FVD beside both baselines' (console)."""
+    lines = []
+    for task, label in (("interp", "interpolation"), ("i2v", "image-to-video")):
+        parts = []
+        for name, unit, spec in ((f"{task}_psnr", " dB", ".2f"), (f"fvd_{task}", "", ".0f")):
+            value = metrics.get(name)
+            if not isinstance(value, int | float):
+                continue
+            bases = [
+                f"{base} {metrics[key]:{spec}}"
+                for base in ("nearest", "blend")
+                if isinstance(metrics.get(key := f"baseline_{base}_{name}"), int | float)
+            ]
+            metric = "PSNR" if name.endswith("psnr") else "FVD"
+            parts.append(f"{metric} {value:{spec}}{unit} ({', '.join(bases)})")
+        if parts:
+            lines.append(f"  held out, {label}: " + "; ".join(parts))
+    floor = metrics.get("fvd_real_halves")
+    if lines and isinstance(floor, int | float):
+        clips = metrics.get("fvd_clips", "?")
+        lines.append(f"  FVD from {clips} clips; real vs real {floor:.0f} (few clips: biased)")
+    return "\n".join(lines)
+
+
 def approval_markdown(
     stage: str,
     version: str,

@@ -41,6 +41,7 @@ from pipelines.approval import (
 from pipelines.artifacts import (
     StageProgress,
     approval_markdown,
+    held_out_summary,
     publish_stage_report,
     stage_markdown,
 )
@@ -321,7 +322,8 @@ def train_curriculum(
                 report = apply_gates(cfg, stage.name, metrics, link)
             except GateFailed as err:
                 describe_version(client, name, version, str(err))  # the evidence for a person
-                emit(StageEvent(stage.name, "gates", text=str(err), passed=False))
+                text = f"{err}\n{held_out_summary(metrics)}".rstrip()
+                emit(StageEvent(stage.name, "gates", text=text, passed=False))
                 summary.append(_summary_row(stage.name, version, "FAILED", metrics))
                 _stage_report(stage.name, str(err), False, metrics, uri, experiment_id, run_id, version)  # fmt: skip
                 raise
@@ -329,7 +331,8 @@ def train_curriculum(
             summary.append(_summary_row(stage.name, version, "passed", metrics))
             _stage_report(stage.name, report, True, metrics, uri, experiment_id, run_id, version)
             logger.info("stage %s passed its gates:\n%s", stage.name, report)
-            emit(StageEvent(stage.name, "gates", text=report, passed=True))
+            text = f"{report}\n{held_out_summary(metrics)}".rstrip()
+            emit(StageEvent(stage.name, "gates", text=text, passed=True))
             if manual:
                 _decide(client, cfg, stage.name, version, uri, experiment_id, run_id)
             promote(client, name, version, stage.name, last=last)

@@ -291,3 +291,21 @@ def test_a_manual_stage_nobody_answers_times_out_cleanly(tmp_path, train_shards,
     assert alias_version(client, name, "mar") is None
     candidate = alias_version(client, name, "mar-candidate")
     assert client.get_model_version(name, candidate).tags[APPROVAL] == "timed out"
+
+
+def test_console_summary_puts_psnr_and_fvd_beside_the_baselines():
+    from pipelines.artifacts import held_out_summary
+
+    metrics = {
+        "interp_psnr": 26.3, "baseline_nearest_interp_psnr": 25.6,
+        "baseline_blend_interp_psnr": 26.27, "fvd_interp": 650.2,
+        "baseline_nearest_fvd_interp": 618.0, "baseline_blend_fvd_interp": 763.0,
+        "fvd_real_halves": 1404.0, "fvd_clips": 4,
+    }  # fmt: skip
+    lines = held_out_summary(metrics).splitlines()
+    assert lines[0].strip() == (
+        "held out, interpolation: PSNR 26.30 dB (nearest 25.60, blend 26.27); "
+        "FVD 650 (nearest 618, blend 763)"
+    )
+    assert "4 clips" in lines[1] and "1404" in lines[1]
+    assert held_out_summary({"heldout_loss": 0.5}) == ""  # a mar stage: nothing to compare
