@@ -32,6 +32,7 @@ from mlflow.tracking import MlflowClient
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run, suspend_flow_run
 from prefect.input import RunInput
+from pydantic import Field
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +47,12 @@ UNNAMED = "unnamed (Prefect UI)"
 class Decision(RunInput):
     """The form on a flow run that waits for a person (Prefect UI: the flow run's Resume)."""
 
-    decision: Literal["approve", "reject"]
-    note: str = ""
-    # Who decides. Prefect's open-source server has no users, so the form asks; the CLI fills
-    # in $USER.
-    reviewer: str = ""
+    decision: Literal["approve", "reject"] = Field(
+        description="approve: promote this version and go on; reject: promote nothing, fail"
+    )
+    note: str = Field("", description="Why; recorded on the MLflow model version")
+    # Prefect's open-source server has no users, so the form asks; the CLI fills in $USER.
+    reviewer: str = Field("", description="Your name; recorded on the MLflow model version")
 
 
 class PromotionRejected(RuntimeError):
