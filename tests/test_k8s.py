@@ -501,6 +501,8 @@ def test_job_shape_follows_the_launch_contract(paper, tiny) -> None:
     assert "DS_ACCELERATOR" not in env
     assert "MARDINI_STORE" not in env, "no store given: the ConfigMap's MARDINI_STORE applies"
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    # torchrun waits the pod's grace period (less 10 s) for its SIGTERMed workers to save.
+    assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == str(pod["terminationGracePeriodSeconds"] - 10)
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
     assert container["resources"]["requests"] == container["resources"]["limits"]
     assert [e["secretRef"]["name"] for e in container["envFrom"] if "secretRef" in e] == [

@@ -183,6 +183,25 @@ def test_killed_rank_resumes_from_latest_and_matches(tmp_path, train_shards, uni
     assert losses == uninterrupted
 
 
+def test_sigterm_finishes_the_step_saves_it_and_resumes_there(
+    tmp_path, train_shards, uninterrupted
+):
+    config = _config(tmp_path, train_shards)
+    store = str(tmp_path / "store")
+    # Rank 1 gets SIGTERM as step 3 starts (its pod is being stopped): both ranks finish step 3
+    # and save step-3, which is no checkpoint_every step, then exit.
+    fault = {"MARDINI_FAULT": "step:2:1", "MARDINI_FAULT_SIGNAL": "TERM"}
+    stopped = _torchrun(config, "dm", store, env=fault)
+    assert stopped.returncode != 0
+    assert "stopped by SIGTERM after step 3; saved step-3" in stopped.stderr + stopped.stdout
+    ckpts = Path(stage_dir(store, "trainer-test", "dm")) / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step-3"
+    resumed = _torchrun(config, "dm", store)
+    _ok(resumed)
+    assert "from step-3 at step 3" in resumed.stderr + resumed.stdout
+    assert _losses(f"sqlite:///{Path(store).resolve()}/mlflow.db", "dm") == uninterrupted
+
+
 def test_torn_checkpoint_keeps_latest_on_the_previous_one(tmp_path, train_shards, uninterrupted):
     config = _config(tmp_path, train_shards)
     store = str(tmp_path / "store")

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
     )
     from mardini.config import ConfigError, load_config
-    from mardini.train.engine import train_stage
+    from mardini.train.engine import STOPPED_EXIT, Stopped, train_stage
 
     try:
         cfg = load_config(args.config, args.override)
@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Stopped as err:  # the checkpoint is written: a restart resumes from it
+        print(str(err), file=sys.stderr)
+        return STOPPED_EXIT
     if rank == "0":
         print(f"stage {result.stage} done: {result.final_url} (MLflow run {result.run_id})")
     return 0

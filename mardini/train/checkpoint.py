@@ -44,14 +44,18 @@ def stage_dir(store: str, curriculum: str, stage: str) -> str:
 
 def fault_point(point: str) -> None:
     """Test hook: ``MARDINI_FAULT=<point>:<rank>`` SIGKILLs that rank at that point (e.g.
-    ``after-upload:step-4:1``, ``step:3:0``); used by the crash/resume tests."""
+    ``after-upload:step-4:1``, ``step:3:0``); used by the crash/resume tests.
+    ``MARDINI_FAULT_SIGNAL=TERM`` sends SIGTERM instead (a pod being stopped)."""
     spec = os.environ.get("MARDINI_FAULT", "")
     if not spec:
         return
     want, _, rank = spec.rpartition(":")
     if want == point and rank == os.environ.get("RANK", "0"):
-        log.warning("fault injection: killing rank %s at %s", rank, point)
-        os.kill(os.getpid(), 9)
+        import signal
+
+        sig = getattr(signal, f"SIG{os.environ.get('MARDINI_FAULT_SIGNAL', 'KILL')}")
+        log.warning("fault injection: %s to rank %s at %s", sig.name, rank, point)
+        os.kill(os.getpid(), sig)
 
 
 class CheckpointManager:

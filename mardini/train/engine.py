@@ -47,6 +47,32 @@ from mardini.train.tracking import Tracker, git_commit
 log = logging.getLogger(__name__)
 
 
+# The exit status of a stage stopped by SIGTERM after saving (128 + 15, as a shell reports it).
+STOPPED_EXIT = 143
+
+
+class Stopped(RuntimeError):
+    """SIGTERM reached a rank: every rank finished the step and saved; the job exits so a
+    restart resumes there."""
+
+
+class StopRequest:
+    """Remembers a SIGTERM (a pod being stopped: Kubernetes signals torchrun, which signals its
+    workers) instead of dying mid-step; the loop checks it once per step on every rank."""
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+
+        self.requested = False
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        log.warning("SIGTERM: finishing this step, saving a checkpoint, then exiting")
+
+
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the message names the stage and the step."""
 
@@ -319,8 +345,9 @@ def train_stage(
 
     batches = train_batches(cfg, stage, store, rank, world, start_step, source)
     losses = _loop(
-        engine, scheduler, cfg, stage, batches, rank, world, device, start_step, ckpt, tracker
-    )
+        engine, scheduler, cfg, stage, batches, rank, world, device, start_step, ckpt, tracker,
+        StopRequest(),
+    )  # fmt: skip
 
     # Consolidate the ZeRO-3 shards into one set of full weights on rank 0.
     state = _gather_state(engine, rank)
@@ -346,9 +373,11 @@ def train_stage(
 
 
 def _loop(
-    engine, scheduler, cfg, stage, batches, rank, world, device, start_step, ckpt, tracker
+    engine, scheduler, cfg, stage, batches, rank, world, device, start_step, ckpt, tracker, stop
 ) -> dict[int, float]:
-    """The training loop from ``start_step`` to ``stage.steps``; returns rank 0's losses."""
+    """The training loop from ``start_step`` to ``stage.steps``; returns rank 0's losses. When
+    ``stop`` (a ``StopRequest``) has seen SIGTERM on any rank, every rank saves after the
+    current step and ``Stopped`` is raised."""
     masks = MaskSampler(stage.mask.tasks, stage.mask.keep)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokens = tokens_per_sample(engine.module, stage)
@@ -382,8 +411,10 @@ def _loop(
             engine.backward(loss)
             engine.step()
             total += loss.detach().float() / stage.grad_accum
-        dist.all_reduce(total)
-        mean_loss = total.item() / world
+        # One all-reduce carries the loss and whether any rank was asked to stop.
+        both = torch.stack([total, torch.tensor(float(stop.requested), device=device)])
+        dist.all_reduce(both)
+        mean_loss, stopping = both[0].item() / world, both[1].item() > 0
         if not math.isfinite(mean_loss):
             raise NonFiniteLossError(
                 f"stage {stage.name!r}: non-finite loss {mean_loss} at step {step + 1}; lower "
@@ -415,10 +446,13 @@ def _loop(
                     metrics["mfu"] = utilisation
             tracker.metrics(metrics, step=done)
         progress.update(done, mean_loss)
-        if done % stage.checkpoint_every == 0 or done == stage.steps:
+        if done % stage.checkpoint_every == 0 or done == stage.steps or stopping:
             ckpt.save(
                 engine, done, {"step": done, "mlflow_run_id": tracker.run_id if rank == 0 else None}
             )
+        if stopping and done < stage.steps:
+            progress.close()
+            raise Stopped(f"stage {stage.name!r}: stopped by SIGTERM after step {done}; saved step-{done}")  # fmt: skip
     progress.close()
     return losses
 

@@ -307,6 +307,11 @@ def _pod_spec(lc: LaunchConfig, command: list[str]) -> V1PodSpec:
     if lc.gpus_per_node == 0:
         # DeepSpeed picks its accelerator at import; without this it looks for CUDA and fails.
         env.append(V1EnvVar(name="DS_ACCELERATOR", value="cpu"))
+    # On SIGTERM torchrun passes the signal on and SIGKILLs its workers after this many seconds
+    # (30 by default): leave them the pod's grace period, less 10 s, to finish the step and
+    # save (mardini.train.engine.StopRequest).
+    shutdown = max(1, lc.termination_grace_seconds - 10)
+    env.append(V1EnvVar(name="TORCH_ELASTIC_SHUTDOWN_TIMEOUT", value=str(shutdown)))
     env_from = [
         V1EnvFromSource(secret_ref=V1SecretEnvSource(name=secret, optional=False))
         for secret in lc.secrets
