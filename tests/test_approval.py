@@ -31,12 +31,14 @@ ROOT = Path(__file__).parents[1]
 MARDINI = str(Path(sys.executable).with_name("mardini"))
 
 
-def _manual_config(tmp_path: Path, shards: str, name: str, timeout_s: int = 900) -> str:
-    """tiny's first two stages on the test shards; the second (the last) is manual."""
+def _manual_config(
+    tmp_path: Path, shards: str, name: str, timeout_s: int = 900, stages: int = 2
+) -> str:
+    """tiny's first ``stages`` stages on the test shards; the last is manual."""
     path = Path(_config(tmp_path, shards, name))
     raw = yaml.safe_load(path.read_text())
-    raw["stages"] = raw["stages"][:2]
-    raw["stages"][1]["promotion"] = "manual"
+    raw["stages"] = raw["stages"][:stages]
+    raw["stages"][-1]["promotion"] = "manual"
     raw["approval_timeout_s"] = timeout_s
     path.write_text(yaml.safe_dump(raw))
     return str(path)
@@ -218,7 +220,7 @@ def test_manual_stage_waits_then_approve_and_reject(tmp_path, train_shards, serv
     assert _stage_runs(uri, "approved") == ["dm", "mar"]  # one training run each
 
     # 3. Rejected through the API the UI's form uses: nothing moves, the flow fails with the note.
-    config = _manual_config(tmp_path, train_shards, "rejected")
+    config = _manual_config(tmp_path, train_shards, "rejected", stages=1)
     run_id = _flow_run(env, config, tmp_path / "store")
     _wait_state(env, run_id, {"PAUSED"}, 600)
     decision = {"decision": "reject", "note": "colours drift", "reviewer": "ada"}
@@ -230,9 +232,9 @@ def test_manual_stage_waits_then_approve_and_reject(tmp_path, train_shards, serv
         failed = prefect.read_flow_run(UUID(run_id)).state
     assert failed.type.value == "FAILED" and "colours drift" in (failed.message or "")
     name = registered_name("rejected")
-    assert alias_version(client, name, "dm") is None
+    assert alias_version(client, name, "mar") is None
     assert alias_version(client, name, "champion") is None
-    candidate = alias_version(client, name, "dm-candidate")
+    candidate = alias_version(client, name, "mar-candidate")
     tags = client.get_model_version(name, candidate).tags
     assert (tags[APPROVAL], tags[BY], tags[NOTE]) == ("rejected", "ada", "colours drift")
 
