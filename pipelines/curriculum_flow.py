@@ -400,7 +400,7 @@ def _decide(
         )
         publish_stage_report(f"{stage}-approval", markdown, f"stage {stage}: waiting for approval")
         description = client.get_model_version(name, version).description or ""
-        evidence = "\n".join(["", "Waiting for approval. Evidence:", *samples])
+        evidence = "\n".join(["", "Sent for approval with this evidence:", *samples])
         client.update_model_version(name, version, description=description + evidence)
         emit(StageEvent(stage, "approval", text=f"version {version} waits until {deadline}"))
         logger.info(

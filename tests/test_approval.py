@@ -196,7 +196,7 @@ def test_manual_stage_waits_then_approve_and_reject(tmp_path, train_shards, serv
     candidate = alias_version(client, name, "dm-candidate")
     tags = client.get_model_version(name, candidate).tags
     assert tags[APPROVAL] == "pending" and tags["approval.flow_run"] == run_id
-    assert "Waiting for approval" in client.get_model_version(name, candidate).description
+    assert "Sent for approval" in client.get_model_version(name, candidate).description
     from tests.test_curriculum_flow import _artifacts
 
     with _api(env):
