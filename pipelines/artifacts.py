@@ -139,7 +139,7 @@ def approval_markdown(
     stage: str,
     version: str,
     run_link: str,
-    samples: list[str],
+    samples: list[tuple[str, str]],
     flow_run_id: str,
     deadline: str,
 ) -> str:
@@ -153,8 +153,7 @@ def approval_markdown(
         "",
     ]
     titles = {"interp.gif": "Interpolation", "i2v.gif": "Image-to-video"}
-    for url in samples:
-        name = url.split("?path=")[-1].split("&")[0].split(" ")[0].rsplit("/", 1)[-1]
+    for name, url in samples:  # (file name, URL or artifact path)
         # Images render where the picture is served over http (an MLflow tracking server).
         picture = f"![{name}]({url})" if url.startswith("http") else f"`{url}`"
         lines += [f"**{titles.get(name, name)}**", "", picture, ""]

