@@ -1,30 +1,37 @@
-"""Streaming data: WebDataset shards over fsspec into ``B T 3 H W`` batches in [-1, 1]."""
+"""Streaming data: WebDataset shards over fsspec into ``B T 3 H W`` batches in [-1, 1].
 
-from mardini.data.clips import ClipSpec, decode_clip
-from mardini.data.loader import (
-    Batch,
-    LatentBatch,
-    TrainClips,
-    ValClips,
-    train_batches,
-    train_loader,
-    val_batches,
-    val_loader,
-)
-from mardini.data.shards import list_shards, shard_samples, split_url
+The names below are imported on first use (PEP 562): importing a light submodule such as
+``mardini.data.augment`` (the trainer does) must not pull in PyAV and webdataset, which a
+GPU benchmark machine or a latent-only job need not have.
+"""
 
-__all__ = [
-    "Batch",
-    "ClipSpec",
-    "LatentBatch",
-    "TrainClips",
-    "ValClips",
-    "decode_clip",
-    "list_shards",
-    "shard_samples",
-    "split_url",
-    "train_batches",
-    "train_loader",
-    "val_batches",
-    "val_loader",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOMES = {
+    "ClipSpec": "clips",
+    "decode_clip": "clips",
+    "Batch": "loader",
+    "LatentBatch": "loader",
+    "TrainClips": "loader",
+    "ValClips": "loader",
+    "train_batches": "loader",
+    "train_loader": "loader",
+    "val_batches": "loader",
+    "val_loader": "loader",
+    "list_shards": "shards",
+    "shard_samples": "shards",
+    "split_url": "shards",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
