@@ -75,9 +75,13 @@ class Workload:
         batch: int = 1,
         backend: str = "sdpa",
         compiled: bool = False,
+        attention: str | None = None,
     ):
         self.task, self.device, self.dtype = task, torch.device(device), dtype
         self.steps, self.cfg_scale = steps, cfg_scale
+        # The generator's attention for sampling (None: the config's); the weights are the
+        # same for both, so one model serves temporal and spatio-temporal rows.
+        self.attention = attention
         torch.manual_seed(0)
         with self.device:  # initialise on the device: paper-sized weights init fast on GPU
             model = build_model(cfg)
@@ -116,7 +120,12 @@ class Workload:
             self.opt.step()
         else:
             self.model.sample(
-                self.video, self.mask, steps=self.steps, cfg_scale=self.cfg_scale, generator=gen
+                self.video,
+                self.mask,
+                steps=self.steps,
+                cfg_scale=self.cfg_scale,
+                generator=gen,
+                attention=self.attention,
             )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

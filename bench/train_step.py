@@ -12,10 +12,13 @@ at 512 px: 2304 planner + 9216 generator tokens per clip) with fewer blocks (``-
 computed once up front (as with a latent cache), so the frozen autoencoder is not timed. Printed:
 seconds per step, tokens/s, achieved TFLOP/s (model FLOPs: checkpointing's recomputation is not
 counted) and MFU against the GPU's dense bf16 peak (``flops.peak_tflops``; ``--peak-tflops``
-overrides). Target: MFU >= 50 % on an H100; ``--backend flex`` and ``--compile`` are the levers.
+overrides). Target: MFU >= 50 % on an H100; ``--backends flex`` and ``--compile`` are the levers,
+``--plain`` adds a plain PyTorch step (what ZeRO-3 costs on one GPU) and ``--profile`` prints
+the CUDA kernels that take each row's time.
 
     DS_ACCELERATOR=cpu .venv/bin/python bench/train_step.py [--preset tiny] [--steps 10]
-    .venv/bin/python bench/train_step.py --micro-batch 2 [--backend flex] [--compile]   # GPU
+    .venv/bin/python bench/train_step.py --micro-batch 2 [--backends sdpa flex] [--compile] \
+        [--checkpointing off on] [--plain] [--profile]                            # GPU
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import argparse
 import copy
 import gc
 import os
+import sys
 import time
 import warnings
 
@@ -131,8 +135,18 @@ def gpu_config(args: argparse.Namespace, checkpointing: bool) -> ModelConfig:
     )
 
 
-def bench_gpu(args: argparse.Namespace, checkpointing: bool, device: torch.device) -> dict:
-    """One ``joint`` ZeRO-3 bf16 configuration on the GPU: time, tokens/s, TFLOP/s, MFU, memory."""
+def bench_gpu(
+    args: argparse.Namespace,
+    checkpointing: bool,
+    device: torch.device,
+    backend: str = "sdpa",
+    engine_kind: str = "zero3",
+) -> dict:
+    """One ``joint`` bf16 configuration on the GPU: time, tokens/s, TFLOP/s, MFU, memory.
+
+    ``engine_kind``: ``zero3`` (DeepSpeed ZeRO-3, bf16 weights, as the trainer runs) or
+    ``plain`` (torch AdamW on fp32 weights under bf16 autocast: what ZeRO-3 costs on one GPU).
+    """
     import deepspeed
 
     on_cuda = device.type == "cuda"  # False only when smoke-testing this path on CPU
@@ -144,7 +158,7 @@ def bench_gpu(args: argparse.Namespace, checkpointing: bool, device: torch.devic
     torch.manual_seed(0)
     with device:  # initialise on the GPU: a billion parameters init slowly on CPU
         model = build_model(cfg)
-    set_attention_backend(model, args.backend)
+    set_attention_backend(model, backend)
     freeze_for(model, "joint")
     video = _batch(frames, size, mb).to(device)
     with torch.no_grad():  # the frozen autoencoder, once, before ZeRO-3 partitions its weights
@@ -153,24 +167,44 @@ def bench_gpu(args: argparse.Namespace, checkpointing: bool, device: torch.devic
     if args.compile:
         compile_blocks(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    engine, *_ = deepspeed.initialize(
-        model=model, optimizer=opt, config=deepspeed_config(stage, on_gpu=True)
-    )
     masks = MaskSampler({"random": 1.0}, (0.15, 0.6))  # the joint-512 stage's kept frames
+    if engine_kind == "zero3":
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=opt, config=deepspeed_config(stage, on_gpu=True)
+        )
 
-    def step(i):
-        gen = step_generator(0, 0, i)
-        mask = masks.sample(mb, frames, generator=gen).to(device)
-        loss = engine(video, mask, kind="joint", generator=gen, latents=latents)["loss"]
-        engine.backward(loss)
-        engine.step()
+        def step(i):
+            gen = step_generator(0, 0, i)
+            mask = masks.sample(mb, frames, generator=gen).to(device)
+            loss = engine(video, mask, kind="joint", generator=gen, latents=latents)["loss"]
+            engine.backward(loss)
+            engine.step()
+
+    elif engine_kind == "plain":
+        plain_latents = tuple(z.float() for z in latents)
+
+        def step(i):
+            gen = step_generator(0, 0, i)
+            mask = masks.sample(mb, frames, generator=gen).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = model(video, mask, kind="joint", generator=gen, latents=plain_latents)
+            opt.zero_grad(set_to_none=True)
+            loss["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), stage.optimizer.grad_clip)
+            opt.step()
+
+    else:
+        raise ValueError(f"unknown engine {engine_kind!r}; use zero3 or plain")
 
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(device)
     seconds = _time_steps(step, args.steps, warmup=3, cuda=on_cuda)
     peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if on_cuda else float("nan")
+    if args.profile and on_cuda:
+        _print_profile(step, f"{engine_kind} {backend} checkpointing {checkpointing}")
     flops = train_flops(cfg, "joint", frames, size, mb)
     return {
+        "row": f"{engine_kind} {backend}" + (" compiled" if args.compile else ""),
         "ckpt": "on" if checkpointing else "off",
         "s": seconds,
         "tokens_s": tokens / seconds,
@@ -181,35 +215,56 @@ def bench_gpu(args: argparse.Namespace, checkpointing: bool, device: torch.devic
     }
 
 
+def _print_profile(step, title: str, top: int = 15) -> None:
+    """The CUDA kernels that take a step's time: where the MFU gap lives (stderr)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step(10**6)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=top)
+    print(f"\nprofile, one step, {title}:\n{table}", file=sys.stderr, flush=True)
+
+
 def main_gpu(args: argparse.Namespace) -> None:
-    """The GPU table: ZeRO-3 bf16 ``joint`` step, activation checkpointing off and on."""
+    """The GPU table: bf16 ``joint`` step per attention backend and checkpointing setting."""
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl")
     device = torch.device("cuda", torch.cuda.current_device())
+    runs = [("zero3", b, c == "on") for b in args.backends for c in args.checkpointing]
+    if args.plain:
+        runs.append(("plain", args.backends[0], False))
     rows = []
-    for ckpt in (False, True):
-        rows.append(bench_gpu(args, ckpt, device))
+    for engine_kind, backend, ckpt in runs:
+        rows.append(bench_gpu(args, ckpt, device, backend, engine_kind))
+        r = rows[-1]
+        print(
+            f"[train_step] {r['row']}, checkpointing {r['ckpt']}: {r['s']:.3f} s/step",
+            file=sys.stderr,
+            flush=True,
+        )
         gc.collect()  # the engine of this row goes before the next one is built
         torch.cuda.empty_cache()
     cfg = gpu_config(args, False)
     peak = args.peak_tflops or peak_tflops("cuda")
     print(
-        f"\n{torch.cuda.get_device_name()} (dense bf16 peak {peak or '?'} TFLOP/s), ZeRO-3, bf16, "
+        f"\n{torch.cuda.get_device_name()} (dense bf16 peak {peak or '?'} TFLOP/s), bf16, "
         f"joint step: preset {args.gpu_preset} layers with planner depth {cfg.planner.depth}, "
         f"generator depth {cfg.generator.depth} ({cfg.generator.attention} attention), "
-        f"{args.gpu_frames} frames at {args.gpu_size} px, micro-batch {args.micro_batch}, "
-        f"attention {args.backend}" + (", compiled blocks" if args.compile else "")
+        f"{args.gpu_frames} frames at {args.gpu_size} px, micro-batch {args.micro_batch}"
+        + (", compiled blocks" if args.compile else "")
+        + "; zero3 = DeepSpeed ZeRO-3 (bf16 weights), plain = torch AdamW + bf16 autocast"
     )
     print(
-        f"{'checkpointing':14} {'s/step':>8} {'tokens/s':>10} {'TFLOP/step':>11} "
-        f"{'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}"
+        f"{'engine, attention':24} {'checkpointing':14} {'s/step':>8} {'tokens/s':>10} "
+        f"{'TFLOP/step':>11} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}"
     )
     for r in rows:
         mfu_txt = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "    -"
         print(
-            f"{r['ckpt']:14} {r['s']:8.3f} {r['tokens_s']:10.0f} {r['tflop']:11.2f} "
-            f"{r['tflops']:8.1f} {mfu_txt:>6} {r['peak_gib']:9.1f}"
+            f"{r['row']:24} {r['ckpt']:14} {r['s']:8.3f} {r['tokens_s']:10.0f} "
+            f"{r['tflop']:11.2f} {r['tflops']:8.1f} {mfu_txt:>6} {r['peak_gib']:9.1f}"
         )
 
 
@@ -228,8 +283,29 @@ def main() -> None:
     parser.add_argument("--gpu-size", type=int, default=512)
     parser.add_argument("--planner-depth", type=int, default=4, help="GPU (paper: 16)")
     parser.add_argument("--generator-depth", type=int, default=8, help="GPU (paper: 8)")
-    parser.add_argument("--backend", choices=["sdpa", "flex"], default="sdpa", help="GPU")
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        choices=["sdpa", "flex"],
+        default=["sdpa"],
+        help="GPU: attention backends to measure (rows)",
+    )
+    parser.add_argument(
+        "--plain",
+        action="store_true",
+        help="GPU: also a plain PyTorch step (AdamW, bf16 autocast), ZeRO-3's cost on one GPU",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="GPU: print each row's top CUDA kernels (stderr)"
+    )
     parser.add_argument("--compile", action="store_true", help="GPU: torch.compile each block")
+    parser.add_argument(
+        "--checkpointing",
+        nargs="+",
+        choices=["off", "on"],
+        default=["off", "on"],
+        help="GPU: activation checkpointing settings to measure (rows)",
+    )
     parser.add_argument("--peak-tflops", type=float, default=None, help="GPU: override the peak")
     args = parser.parse_args()
 

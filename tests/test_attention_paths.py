@@ -303,6 +303,58 @@ def test_flex_on_cuda_equals_sdpa_at_paper_token_counts(dtype):
         torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["flex", "sdpa"])
+def test_identity_attention_holds_on_cuda_in_bf16(backend):
+    """On the GPU kernels (compiled flex with 128-token tiles, or SDPA's masked kernel), in
+    bf16: changing the masked frames' tokens leaves every reference token's output unchanged,
+    and does change the masked tokens' outputs (the control)."""
+    torch.manual_seed(0)
+    frames, n, width = 9, 256, 1024
+    attn = Attention(width, 16, backend=backend).cuda()
+    frame_mask = torch.tensor([[True] + [False] * 7 + [True], [True, True] + [False] * 7]).cuda()
+    is_ref = frame_mask.repeat_interleave(n, dim=1)
+    angles = attention_mod.RotaryEmbedding3D(64)(frames, 16, 16, device="cuda")
+    x = torch.randn(2, frames * n, width, device="cuda")
+    other = torch.where(is_ref[..., None], x, torch.randn_like(x))
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        out_a, out_b = (attn(v, frames, "full", angles, is_ref) for v in (x, other))
+    assert torch.equal(out_a[is_ref], out_b[is_ref]), "a reference token saw the masked frames"
+    assert (out_a[~is_ref] - out_b[~is_ref]).abs().max() > 1e-2
+
+
+@pytest.mark.gpu
+def test_model_trains_and_samples_on_cuda_with_flex_as_with_sdpa():
+    """The debug model on the GPU at 64 px (256 tokens a frame: the flex kernel runs in every
+    spatial and spatio-temporal layer), bf16 autocast: flex and SDPA give the same loss and
+    gradients, and a sample keeps its reference frames and is finite."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset="debug", cfg_dropout=0.0)).cuda()
+    video = (torch.rand(2, 5, 3, 64, 64) * 2 - 1).cuda()
+    mask = interpolation_mask(5, batch=2).cuda()
+    t_B = torch.tensor([0.3, 0.8], device="cuda")
+    results = []
+    for backend in ("flex", "sdpa"):
+        assert set_attention_backend(model, backend) > 0
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(video, mask, "joint", torch.Generator("cuda").manual_seed(1), t_B)["loss"]
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((loss.detach().float(), grads.float()))
+    (loss_flex, grad_flex), (loss_sdpa, grad_sdpa) = results
+    assert torch.isfinite(loss_flex) and torch.isfinite(grad_flex).all()
+    torch.testing.assert_close(loss_flex, loss_sdpa, atol=2e-2, rtol=2e-2)
+    rel = (grad_flex - grad_sdpa).norm() / grad_sdpa.norm()
+    assert rel < 5e-2, f"flex and SDPA gradients differ by {rel:.3g} (relative)"
+    set_attention_backend(model, "flex")
+    model, video = model.eval().to(torch.bfloat16), video.to(torch.bfloat16)
+    clip = model.sample(video, mask, steps=3, generator=torch.Generator("cuda").manual_seed(0))
+    assert torch.isfinite(clip).all()
+    keep = mask[..., None, None, None].expand_as(clip)
+    assert torch.equal(clip[keep], video[keep])
+
+
 def test_config_switches_reach_every_block():
     """``attention_backend`` and ``compile`` in the model config: build_model sets the backend
     on every Attention and compiles every block; the loss is the reference loss."""
