@@ -196,10 +196,13 @@ def test_sigterm_finishes_the_step_saves_it_and_resumes_there(
     assert "stopped by SIGTERM after step 3; saved step-3" in stopped.stderr + stopped.stdout
     ckpts = Path(stage_dir(store, "trainer-test", "dm")) / "checkpoints"
     assert (ckpts / "latest").read_text() == "step-3"
+    uri = f"sqlite:///{Path(store).resolve()}/mlflow.db"
+    assert _run(uri, "dm")[1].info.status == "KILLED"  # the run says how the stage ended
     resumed = _torchrun(config, "dm", store)
     _ok(resumed)
     assert "from step-3 at step 3" in resumed.stderr + resumed.stdout
-    assert _losses(f"sqlite:///{Path(store).resolve()}/mlflow.db", "dm") == uninterrupted
+    assert _run(uri, "dm")[1].info.status == "FINISHED"  # the same run, resumed
+    assert _losses(uri, "dm") == uninterrupted
 
 
 def test_torn_checkpoint_keeps_latest_on_the_previous_one(tmp_path, train_shards, uninterrupted):

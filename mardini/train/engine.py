@@ -344,10 +344,15 @@ def train_stage(
                 tracker.artifact(config_path, "config")
 
     batches = train_batches(cfg, stage, store, rank, world, start_step, source)
-    losses = _loop(
-        engine, scheduler, cfg, stage, batches, rank, world, device, start_step, ckpt, tracker,
-        StopRequest(),
-    )  # fmt: skip
+    try:
+        losses = _loop(
+            engine, scheduler, cfg, stage, batches, rank, world, device, start_step, ckpt,
+            tracker, StopRequest(),
+        )  # fmt: skip
+    except BaseException as exc:
+        # The run says how the stage ended (a restart resumes it and sets it running again).
+        tracker.end("KILLED" if isinstance(exc, Stopped | KeyboardInterrupt) else "FAILED")
+        raise
 
     # Consolidate the ZeRO-3 shards into one set of full weights on rank 0.
     state = _gather_state(engine, rank)
