@@ -7,13 +7,19 @@ standard AWS environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Any
+import random
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
 
 DEFAULT_STORE = "./.mardini"
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def store_root(store: str | None = None) -> str:
@@ -38,3 +44,31 @@ def filesystem(url: str, **options: Any) -> tuple[fsspec.AbstractFileSystem, str
 def join(root: str, *parts: str) -> str:
     """Join URL path parts with ``/`` (works for local paths and object stores alike)."""
     return "/".join([root.rstrip("/"), *(p.strip("/") for p in parts if p)])
+
+
+def retry(
+    transfer: Callable[[], T],
+    what: str,
+    attempts: int = 5,
+    backoff_s: float = 1.0,
+    max_backoff_s: float = 30.0,
+) -> T:
+    """Run one object-store ``transfer``, retrying a failure with exponential backoff and
+    jitter, at most ``attempts`` times in all (composer's pattern for object stores); the last
+    failure is raised. ``what`` names the transfer (URL and direction) in the warnings."""
+    delay = backoff_s
+    for attempt in range(1, attempts + 1):
+        try:
+            return transfer()
+        except FileNotFoundError:
+            raise  # a missing object is an answer, not a transient failure
+        except Exception as exc:
+            if attempt == attempts:
+                raise
+            log.warning(
+                "%s failed (attempt %d of %d: %s); retrying in %.1f s",
+                what, attempt, attempts, exc, delay,
+            )  # fmt: skip
+            time.sleep(delay * (1 + random.random() / 2))
+            delay = min(2 * delay, max_backoff_s)
+    raise AssertionError("unreachable")

@@ -46,9 +46,16 @@ def _config(tmp_path: Path, shards: str, **data) -> Path:
     return path
 
 
-def _torchrun(config: Path, stage: str, store: str, env: dict | None = None, timeout: int = 300):
+def _torchrun(
+    config: Path,
+    stage: str,
+    store: str,
+    env: dict | None = None,
+    timeout: int = 300,
+    nproc: int = 2,
+):
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
         "-m", "mardini.train", "--config", str(config), "--stage", stage, "--store", store,
     ]  # fmt: skip
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -175,6 +182,10 @@ def test_killed_rank_resumes_from_latest_and_matches(tmp_path, train_shards, uni
     assert killed.returncode != 0
     ckpts = Path(stage_dir(store, "trainer-test", "dm")) / "checkpoints"
     assert (ckpts / "latest").read_text() == "step-2"
+    # One rank cannot take two ranks' ZeRO-3 partitions: refused before anything is loaded.
+    fewer = _torchrun(config, "dm", store, nproc=1)
+    assert fewer.returncode != 0
+    assert "written by 2 ranks and this job has 1" in fewer.stderr + fewer.stdout
     resumed = _torchrun(config, "dm", store)
     _ok(resumed)
     assert "from step-2 at step 2" in resumed.stderr + resumed.stdout

@@ -4,10 +4,13 @@ Layout under ``{store}/runs/{curriculum}/{stage}/``:
 ``checkpoints/step-N/`` DeepSpeed ZeRO-3 files of every rank; ``checkpoints/latest`` the tag of
 the newest *complete* checkpoint; ``final/model.safetensors`` + ``final/config.json``.
 
-Protocol: every rank saves into its own local directory and uploads its own files; a barrier
-with an all-reduced success flag confirms every upload; only then rank 0 writes ``latest``. A
-crash anywhere before that leaves ``latest`` on the previous complete checkpoint, and the
-partial ``step-N`` directory is ignored (and overwritten by the next save of that step).
+Protocol: every rank saves into its own local directory and uploads its own files (each
+transfer retried with backoff, ``mardini.storage.retry``); a barrier with an all-reduced
+success flag confirms every upload; only then rank 0 writes ``latest``. A crash or a failed
+upload anywhere before that leaves ``latest`` on the previous complete checkpoint, and the
+partial ``step-N`` directory is ignored (and overwritten by the next save of that step). On
+resume each rank downloads only its own ZeRO-3 files (``zero_pp_rank_{r}_*``): at 256 ranks
+that is 1/256 of the checkpoint per rank, not all of it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,7 +28,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from mardini.storage import filesystem, join
+from mardini.storage import filesystem, join, retry
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +74,11 @@ class CheckpointManager:
     def latest(self) -> str | None:
         """The tag (``step-N``) of the newest complete checkpoint, or None."""
         latest = f"{self.path}/latest"
-        if not self.fs.exists(latest):
+        try:
+            text = retry(lambda: self.fs.cat_file(latest), f"reading {latest}")
+        except FileNotFoundError:
             return None
-        return self.fs.cat_file(latest).decode().strip() or None
+        return text.decode().strip() or None
 
     def save(self, engine, step: int, client_state: dict[str, Any]) -> str:
         """Save every rank's shard, upload it, and commit ``latest`` once all ranks uploaded."""
@@ -84,8 +90,10 @@ class CheckpointManager:
         try:
             for file in sorted((local / tag).rglob("*")):
                 if file.is_file():
-                    self.fs.put_file(
-                        str(file), f"{self.path}/{tag}/{file.relative_to(local / tag)}"
+                    remote = f"{self.path}/{tag}/{file.relative_to(local / tag)}"
+                    retry(
+                        lambda f=file, r=remote: self.fs.put_file(str(f), r),
+                        f"upload of {remote}",
                     )
         except Exception:
             log.exception("rank %d could not upload checkpoint %s to %s", self.rank, tag, self.root)
@@ -99,7 +107,10 @@ class CheckpointManager:
             )
         if self.rank == 0:
             fault_point(f"before-latest:{tag}")
-            self.fs.pipe_file(f"{self.path}/latest", tag.encode())
+            retry(
+                lambda: self.fs.pipe_file(f"{self.path}/latest", tag.encode()),
+                f"writing {self.path}/latest",
+            )
             self._prune(step)
         dist.barrier()
         shutil.rmtree(local, ignore_errors=True)
@@ -123,21 +134,39 @@ class CheckpointManager:
                 self.fs.rm(f"{self.path}/step-{s}", recursive=True)
 
     def load(self, engine, tag: str) -> dict[str, Any]:
-        """Download checkpoint ``tag`` and load model, optimizer and LR schedule into ``engine``."""
+        """Download this rank's files of checkpoint ``tag`` and load model, optimizer and LR
+        schedule into ``engine``."""
         local = self.local / "load"
         shutil.rmtree(local, ignore_errors=True)
         (local / tag).mkdir(parents=True)
         remote = f"{self.path}/{tag}"
-        for file in self.fs.find(remote):
-            rel = file[len(remote) :].lstrip("/")
-            target = local / tag / rel
+        listing = retry(lambda: self.fs.find(remote), f"listing {remote}")
+        for file in rank_files(listing, self.rank, self.world_size, remote):
+            target = local / tag / file[len(remote) :].lstrip("/")
             target.parent.mkdir(parents=True, exist_ok=True)
-            self.fs.get_file(file, str(target))
+            retry(lambda f=file, t=target: self.fs.get_file(f, str(t)), f"download of {file}")
         path, client_state = engine.load_checkpoint(str(local), tag=tag)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {remote}")
         shutil.rmtree(local, ignore_errors=True)
         return client_state or {}
+
+
+def rank_files(listing: list[str], rank: int, world_size: int, where: str) -> list[str]:
+    """The files of a ZeRO-3 checkpoint that ``rank`` loads: its own model and optimizer
+    partitions (``zero_pp_rank_{rank}_*``). A checkpoint written by another number of ranks
+    cannot be loaded partition by partition: that is refused, saying what to do."""
+    name = lambda f: f.rstrip("/").rsplit("/", 1)[-1]  # noqa: E731
+    model_files = [f for f in listing if re.fullmatch(r"zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt", name(f))]  # fmt: skip
+    if len(model_files) != world_size:
+        raise RuntimeError(
+            f"checkpoint {where} was written by {len(model_files)} ranks and this job has "
+            f"{world_size}: ZeRO-3 partitions do not move between world sizes. Resume with "
+            f"{len(model_files)} ranks, or convert it (DeepSpeed's ds_to_universal, then "
+            "load_universal_checkpoint) before resuming on another number of ranks."
+        )
+    own = re.compile(rf"(bf16_)?zero_pp_rank_{rank}_mp_rank_\d+_(model|optim)_states\.pt")
+    return sorted(f for f in listing if own.fullmatch(name(f)))
 
 
 def export_final(state: dict[str, torch.Tensor], meta: dict[str, Any], stage_url: str) -> str:
