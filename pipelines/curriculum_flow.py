@@ -11,7 +11,6 @@ any version and promote by hand.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -28,8 +27,8 @@ from prefect.runtime import deployment, flow_run
 
 from mardini.config import CurriculumConfig, load_config
 from mardini.progress import StageEvent, emit
-from mardini.storage import filesystem, join, store_root
-from mardini.train.checkpoint import stage_dir
+from mardini.storage import join, store_root
+from mardini.train.checkpoint import read_final_meta, stage_dir
 from mardini.train.tracking import ensure_experiment, log_params, tracking_uri
 from pipelines.approval import (
     ApprovalTimedOut,
@@ -96,6 +95,17 @@ def cache_stage_latents(cfg: CurriculumConfig, stage: str, store: str) -> str:
     return record["url"]
 
 
+# Stage settings that do not change the trained weights: a change to them alone retrains nothing.
+_NOT_TRAINING = {"gates", "promotion", "checkpoint_every", "keep_checkpoints", "log_every"}
+
+
+def same_training(meta: dict[str, Any], cfg: CurriculumConfig, stage: str) -> bool:
+    """Whether an export's metadata says it was trained with this model and stage config."""
+    want = cfg.stage(stage).model_dump(mode="json", exclude=_NOT_TRAINING)
+    have = {k: v for k, v in (meta.get("stage_config") or {}).items() if k not in _NOT_TRAINING}
+    return have == want and meta.get("model") == cfg.model.model_dump(mode="json")
+
+
 @task(name="train-stage", cache_policy=NO_CACHE)
 def train_stage(
     config_path: str,
@@ -118,6 +128,14 @@ def train_stage(
     start = time.monotonic()
     total = cfg.stage(stage).steps
     progress = StageProgress(stage, total)  # the flow run's progress bar while the job runs
+    final = join(stage_dir(store, cfg.name, stage), "final")
+    done = read_final_meta(final)
+    if done is not None and same_training(done, cfg, stage):
+        # A job that finished before (the flow died after it, or a gate failed and was changed):
+        # its export is complete and was trained with this config, so no job is launched again.
+        get_run_logger().info("stage %s: complete export at %s, same config: not retrained", stage, final)  # fmt: skip
+        progress.set(total, f"stage {stage}: trained before, {total}/{total} steps")
+        return {**done, "final_url": final, "train_seconds": 0.0}
     if launcher == "local":
         from pipelines.launchers.local import run_local
 
@@ -138,9 +156,9 @@ def train_stage(
     else:
         raise ValueError(f"unknown launcher {launcher!r}; use 'local' or 'kubeflow'")
     progress.set(total, f"stage {stage}: trained, {total}/{total} steps")
-    final = join(stage_dir(store, cfg.name, stage), "final")
-    fs, path = filesystem(final)
-    meta = json.loads(fs.cat_file(f"{path}/config.json"))
+    meta = read_final_meta(final)
+    if meta is None:
+        raise RuntimeError(f"stage {stage!r}: the job succeeded but {final} holds no export")
     meta["final_url"] = final
     meta["train_seconds"] = time.monotonic() - start
     return meta

@@ -228,13 +228,17 @@ def test_failed_gate_stops_the_flow_and_a_rerun_resumes(tmp_path, train_shards, 
     ).exists()  # never launched
 
     assert len(list(shards.glob("latents/32px-*/train/shard-*.tar"))) == 2
+    dm_export = Path(store) / "runs" / "flow-gate" / "dm" / "final" / "config.json"
+    exported_at = dm_export.stat().st_mtime_ns
     promoted = train_curriculum(
         config=config, store=store, overrides=["stages.dm.gates.0.max=10", "data.latents=true"]
     )
     assert alias_version(client, name, "champion") == promoted["joint-i2v"]
     runs = _stage_runs(mlflow_uri, "flow-gate")
     assert len(runs["mar"]) == 1  # the rerun skipped the promoted stage
-    assert len(runs["dm"]) == 1  # ... and resumed dm's run from its final checkpoint
+    assert len(runs["dm"]) == 1  # ... and dm's run is the one that trained it
+    # Only a gate changed: dm's complete export was evaluated again, no job launched to redo it.
+    assert dm_export.stat().st_mtime_ns == exported_at
 
 
 def test_a_crashing_rank_fails_the_flow_with_its_log_tail(

@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+from kubernetes.client.exceptions import ApiException
 
 from mardini.config import load_config
 from pipelines.launchers.kubeflow_run import run_pytorchjob
@@ -29,17 +30,27 @@ def _pod(name: str, phase: str, reason: str | None = None):
 
 
 class FakeTrainingClient:
-    """The TrainingClient methods the launcher uses, answering from scripted cluster states."""
+    """The TrainingClient methods the launcher uses, answering from scripted cluster states.
 
-    def __init__(self, states, pods=None, interrupt_after: int | None = None):
+    ``existing`` holds jobs an earlier flow run created (name -> their state): creating one of
+    those names fails as the SDK does on HTTP 409."""
+
+    def __init__(self, states, pods=None, interrupt_after: int | None = None, existing=None):
         self.states, self.pods = list(states), pods or []
         self.created, self.deleted, self.polls = [], [], 0
         self.interrupt_after = interrupt_after
+        self.existing = dict(existing or {})
 
     def create_job(self, job, namespace):
+        if job.metadata.name in self.existing:
+            conflict = ApiException(status=409, reason="Conflict")
+            raise RuntimeError(f"Failed to create PyTorchJob: {job.metadata.name}") from conflict
         self.created.append((job, namespace))
 
     def get_job(self, name, namespace, job_kind):
+        if name in self.existing and not any(j.metadata.name == name for j, _ in self.created):
+            if self.existing[name] is not None:  # a finished (failed) job answers as it is
+                return self.existing[name]
         self.polls += 1
         if self.interrupt_after is not None and self.polls > self.interrupt_after:
             raise KeyboardInterrupt  # the flow run was cancelled mid-wait
@@ -97,28 +108,60 @@ def test_failure_raises_with_the_master_log_tail(cfg):
     assert client.deleted == []  # a failed job stays for `kubectl describe`; it holds no GPUs
 
 
-def test_evicted_pod_fails_and_deletes_the_job(cfg):
+def test_an_evicted_pod_is_reported_and_waited_on(cfg, caplog):
     client = FakeTrainingClient(
-        [_job(("Running", "True"))], pods=[_pod("p-master-0", "Failed", "Evicted")]
+        [_job(("Running", "True")), _job(("Running", "True")), _job(("Succeeded", "True"))],
+        pods=[_pod("p-master-0", "Failed", "Evicted")],
     )
-    with pytest.raises(LaunchError, match="evicted"):
-        run_pytorchjob(cfg, "mar", client=client, poll_s=0)
-    assert client.deleted == ["paper-mar"]
+    with caplog.at_level("WARNING"):
+        run_pytorchjob(cfg, "mar", client=client, poll_s=0)  # the operator recreated the pod
+    assert client.deleted == []
+    assert caplog.text.count("p-master-0 was evicted") == 1  # reported once, not every poll
 
 
-def test_stuck_pending_and_timeout_delete_the_job(cfg):
+def test_long_pending_is_waited_on_then_reported_and_the_job_kept(cfg, caplog):
     client = FakeTrainingClient([_job(("Created", "True"))], pods=[_pod("p-master-0", "Pending")])
-    with pytest.raises(LaunchError, match="Pending"):
-        run_pytorchjob(cfg, "mar", client=client, poll_s=0.01, pending_grace_s=0.05)
-    assert client.deleted == ["paper-mar"]
+    with caplog.at_level("WARNING"), pytest.raises(LaunchError, match="still Pending") as err:
+        run_pytorchjob(
+            cfg, "mar", client=client, poll_s=0.01, pending_grace_s=0.02, pending_budget_s=0.1
+        )
+    assert "Pending after" in caplog.text and "waiting" in caplog.text  # told before giving up
+    assert "a rerun reattaches" in str(err.value)
+    assert client.deleted == []
     client = FakeTrainingClient([_job(("Running", "True"))])
     with pytest.raises(LaunchError, match="timed out"):
         run_pytorchjob(cfg, "mar", client=client, poll_s=0.01, timeout_s=0.05)
-    assert client.deleted == ["paper-mar"]
+    assert client.deleted == []
 
 
-def test_cancellation_deletes_the_job(cfg):
+def test_the_flows_cancellation_leaves_the_job_unless_told(cfg, caplog):
+    client = FakeTrainingClient([_job(("Running", "True"))], interrupt_after=2)
+    with caplog.at_level("WARNING"), pytest.raises(KeyboardInterrupt):
+        run_pytorchjob(cfg, "mar", client=client, poll_s=0)
+    assert client.deleted == [] and "keeps running" in caplog.text
     client = FakeTrainingClient([_job(("Running", "True"))], interrupt_after=2)
     with pytest.raises(KeyboardInterrupt):
-        run_pytorchjob(cfg, "mar", client=client, poll_s=0)
+        run_pytorchjob(cfg, "mar", client=client, poll_s=0, delete_on_cancel=True)
     assert client.deleted == ["paper-mar"]
+
+
+def test_a_rerun_reattaches_to_the_running_job(cfg):
+    client = FakeTrainingClient(
+        [_job(("Running", "True")), _job(("Succeeded", "True"))], existing={"paper-mar": None}
+    )
+    run_pytorchjob(cfg, "mar", client=client, poll_s=0)
+    assert client.created == []  # nothing duplicated: the earlier run's job was waited on
+    assert client.polls == 2
+
+
+def test_a_failed_attempt_is_kept_and_the_next_one_created(cfg):
+    failed = _job(("Failed", "True"))
+    client = FakeTrainingClient([_job(("Succeeded", "True"))], existing={"paper-mar": failed})
+    run_pytorchjob(cfg, "mar", client=client, poll_s=0)
+    assert [job.metadata.name for job, _ in client.created] == ["paper-mar-a2"]
+    assert client.deleted == []
+    existing = {"paper-mar": failed, **{f"paper-mar-a{n}": failed for n in range(2, 4)}}
+    client = FakeTrainingClient([_job(("Running", "True"))], existing=existing)
+    with pytest.raises(LaunchError, match="3 attempts") as err:
+        run_pytorchjob(cfg, "mar", client=client, poll_s=0, max_attempts=3)
+    assert "delete pytorchjob -l mardini.io/curriculum=paper,mardini.io/stage=mar" in str(err.value)

@@ -182,6 +182,16 @@ def export_final(state: dict[str, torch.Tensor], meta: dict[str, Any], stage_url
     return final
 
 
+def read_final_meta(final_url: str) -> dict[str, Any] | None:
+    """The metadata of a complete export at ``final_url`` (its config.json, written last), or
+    None when there is none."""
+    fs, path = filesystem(final_url)
+    try:
+        return json.loads(retry(lambda: fs.cat_file(f"{path}/config.json"), f"reading {final_url}"))
+    except FileNotFoundError:
+        return None
+
+
 def read_final(final_url: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load an exported ``final/`` directory (local or remote): weights and metadata."""
     fs, path = filesystem(final_url)

@@ -202,10 +202,13 @@ def image_config_path(path: str | Path) -> str:
         return path.as_posix()  # already relative: taken as relative to /workspace
 
 
-def job_name(curriculum: str, stage: str) -> str:
-    """Deterministic job name, so a second submission of the same stage is refused (409)."""
+def job_name(curriculum: str, stage: str, attempt: int = 1) -> str:
+    """Deterministic job name per (curriculum, stage, attempt): a second submission of the same
+    attempt is refused (409), which is how a rerun finds the job to reattach to. The first
+    attempt has no suffix; later ones end in ``-a{attempt}``."""
     # 50 leaves room for the "-worker-NNN" suffix of pod and service names (63 at most).
-    return _dns_label(f"{curriculum}-{stage}", max_len=50)
+    suffix = f"-a{attempt}" if attempt > 1 else ""
+    return _dns_label(f"{curriculum}-{stage}", max_len=50 - len(suffix)) + suffix
 
 
 def job_labels(cfg: CurriculumConfig, stage: str, run_id: str | None) -> dict[str, str]:
