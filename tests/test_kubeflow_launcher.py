@@ -154,14 +154,19 @@ def test_a_rerun_reattaches_to_the_running_job(cfg):
     assert client.polls == 2
 
 
-def test_a_failed_attempt_is_kept_and_the_next_one_created(cfg):
-    failed = _job(("Failed", "True"))
-    client = FakeTrainingClient([_job(("Succeeded", "True"))], existing={"paper-mar": failed})
+@pytest.mark.parametrize("ended", ["Failed", "Succeeded"])
+def test_a_finished_attempt_is_kept_and_the_next_one_created(cfg, ended):
+    """A failed job, or a succeeded one whose export the flow found missing or of another
+    config (it looks before launching), is kept for inspection, not waited on again."""
+    client = FakeTrainingClient(
+        [_job(("Succeeded", "True"))], existing={"paper-mar": _job((ended, "True"))}
+    )
     run_pytorchjob(cfg, "mar", client=client, poll_s=0)
     assert [job.metadata.name for job, _ in client.created] == ["paper-mar-a2"]
     assert client.deleted == []
+    failed = _job(("Failed", "True"))
     existing = {"paper-mar": failed, **{f"paper-mar-a{n}": failed for n in range(2, 4)}}
     client = FakeTrainingClient([_job(("Running", "True"))], existing=existing)
-    with pytest.raises(LaunchError, match="3 attempts") as err:
+    with pytest.raises(LaunchError, match="3 attempts .* finished") as err:
         run_pytorchjob(cfg, "mar", client=client, poll_s=0, max_attempts=3)
     assert "delete pytorchjob -l mardini.io/curriculum=paper,mardini.io/stage=mar" in str(err.value)

@@ -83,8 +83,10 @@ def _is_conflict(err: BaseException) -> bool:
 
 def submit(client: Any, job: Any, cfg: CurriculumConfig, stage: str, max_attempts: int) -> str:
     """Create the stage's job, or reattach: names are deterministic per (curriculum, stage,
-    attempt), so a job that exists (409) is this stage's. A running or succeeded one is waited
-    on (its result read); a failed one is kept for inspection and the next attempt is created."""
+    attempt), so a job that exists (409) is this stage's. One still running is waited on; a
+    finished one is kept for inspection and the next attempt is created. (A finished job's
+    result is its ``final/`` export, which the flow reads before launching anything: reaching
+    here past a finished job means that export is missing or from another config.)"""
     namespace = job.metadata.namespace
     for attempt in range(1, max_attempts + 1):
         name = job.metadata.name = job_name(cfg.name, stage, attempt)
@@ -95,20 +97,16 @@ def submit(client: Any, job: Any, cfg: CurriculumConfig, stage: str, max_attempt
         except Exception as err:
             if not _is_conflict(err):
                 raise
-        if (
-            _conditions(client.get_job(name, namespace=namespace, job_kind=KIND)).get("Failed")
-            != "True"
-        ):
+        state = _conditions(client.get_job(name, namespace=namespace, job_kind=KIND))
+        if "True" not in (state.get("Failed"), state.get("Succeeded")):
             log.info("%s %s/%s exists (an earlier flow run's): reattaching", KIND, namespace, name)
             return name
-        log.info(
-            "%s %s/%s failed before: kept; trying attempt %d", KIND, namespace, name, attempt + 1
-        )
+        log.info("%s %s/%s finished before: kept; trying attempt %d", KIND, namespace, name, attempt + 1)  # fmt: skip
     labels = job.metadata.labels
     selector = ",".join(f"{k}={labels[k]}" for k in (f"{LABEL_PREFIX}/curriculum", f"{LABEL_PREFIX}/stage"))  # fmt: skip
     raise LaunchError(
         f"stage {stage!r}: {max_attempts} attempts ({job_name(cfg.name, stage, 1)} ...) exist and "
-        f"failed; look at them (kubectl -n {namespace} describe pytorchjob -l {selector}), then "
+        f"finished; look at them (kubectl -n {namespace} describe pytorchjob -l {selector}), then "
         f"delete them (kubectl -n {namespace} delete pytorchjob -l {selector}) to start again",
         [],
     )
