@@ -322,6 +322,10 @@ class StageConfig(_Strict):
     # The paper's recipe counts clips seen; kept for the record and for scaling steps.
     clips: int | None = None
     checkpoint_every: int = Field(50, ge=1)
+    # Also save once this many minutes have passed since the last save (None: steps only). At
+    # scale a save costs tens of seconds, so a wall-time interval bounds both the work lost to a
+    # failure and the time spent saving, whatever the step time. Rank 0's clock decides for all.
+    checkpoint_every_minutes: float | None = Field(None, gt=0)
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)
     gates: list[GateConfig] = Field(default_factory=list)

@@ -96,7 +96,14 @@ def cache_stage_latents(cfg: CurriculumConfig, stage: str, store: str) -> str:
 
 
 # Stage settings that do not change the trained weights: a change to them alone retrains nothing.
-_NOT_TRAINING = {"gates", "promotion", "checkpoint_every", "keep_checkpoints", "log_every"}
+_NOT_TRAINING = {
+    "gates",
+    "promotion",
+    "checkpoint_every",
+    "checkpoint_every_minutes",
+    "keep_checkpoints",
+    "log_every",
+}
 
 
 def same_training(meta: dict[str, Any], cfg: CurriculumConfig, stage: str) -> bool:

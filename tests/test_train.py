@@ -216,6 +216,21 @@ def test_sigterm_finishes_the_step_saves_it_and_resumes_there(
     assert _losses(uri, "dm") == uninterrupted
 
 
+def test_checkpoints_also_follow_wall_time(tmp_path, train_shards):
+    """``checkpoint_every_minutes``: with a step interval longer than the stage and a tiny time
+    interval, every rank saves after every step (rank 0's clock decides for all of them)."""
+    config = _config(tmp_path, train_shards)
+    raw = yaml.safe_load(config.read_text())
+    for stage in raw["stages"]:
+        stage.update(checkpoint_every=1000, checkpoint_every_minutes=1e-6, keep_checkpoints=10)
+    config.write_text(yaml.safe_dump(raw))
+    store = str(tmp_path / "store")
+    _ok(_torchrun(config, "dm", store))
+    ckpts = Path(stage_dir(store, "trainer-test", "dm")) / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step-*")) == [f"step-{n}" for n in range(1, 7)]
+    assert (ckpts / "latest").read_text() == "step-6"
+
+
 def test_torn_checkpoint_keeps_latest_on_the_previous_one(tmp_path, train_shards, uninterrupted):
     config = _config(tmp_path, train_shards)
     store = str(tmp_path / "store")

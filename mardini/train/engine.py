@@ -392,6 +392,10 @@ def _loop(
     losses: dict[int, float] = {}
     engine.train()
     tick, last_logged = time.perf_counter(), start_step
+    last_saved = time.monotonic()
+    save_interval_s = (
+        60 * stage.checkpoint_every_minutes if stage.checkpoint_every_minutes else None
+    )
     for step in range(start_step, stage.steps):
         fault_point(f"step:{step}")
         gen = step_generator(cfg.seed, rank, step)
@@ -416,10 +420,18 @@ def _loop(
             engine.backward(loss)
             engine.step()
             total += loss.detach().float() / stage.grad_accum
-        # One all-reduce carries the loss and whether any rank was asked to stop.
-        both = torch.stack([total, torch.tensor(float(stop.requested), device=device)])
+        # One all-reduce carries the loss, whether any rank was asked to stop, and whether rank
+        # 0's clock says a checkpoint is due (every rank must save the same steps).
+        time_due = rank == 0 and save_interval_s is not None
+        time_due = time_due and time.monotonic() - last_saved >= save_interval_s
+        flags = torch.tensor([float(stop.requested), float(time_due)], device=device)
+        both = torch.cat([total[None], flags])
         dist.all_reduce(both)
-        mean_loss, stopping = both[0].item() / world, both[1].item() > 0
+        mean_loss, stopping, time_due = (
+            both[0].item() / world,
+            both[1].item() > 0,
+            both[2].item() > 0,
+        )
         if not math.isfinite(mean_loss):
             raise NonFiniteLossError(
                 f"stage {stage.name!r}: non-finite loss {mean_loss} at step {step + 1}; lower "
@@ -451,10 +463,11 @@ def _loop(
                     metrics["mfu"] = utilisation
             tracker.metrics(metrics, step=done)
         progress.update(done, mean_loss)
-        if done % stage.checkpoint_every == 0 or done == stage.steps or stopping:
+        if done % stage.checkpoint_every == 0 or done == stage.steps or stopping or time_due:
             ckpt.save(
                 engine, done, {"step": done, "mlflow_run_id": tracker.run_id if rank == 0 else None}
             )
+            last_saved = time.monotonic()
         if stopping and done < stage.steps:
             progress.close()
             raise Stopped(f"stage {stage.name!r}: stopped by SIGTERM after step {done}; saved step-{done}")  # fmt: skip
