@@ -194,12 +194,12 @@ def read_final_meta(final_url: str) -> dict[str, Any] | None:
 
 def read_final(final_url: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load an exported ``final/`` directory (local or remote): weights and metadata."""
-    fs, path = filesystem(final_url)
-    if not fs.exists(f"{path}/config.json"):
+    meta = read_final_meta(final_url)
+    if meta is None:
         raise FileNotFoundError(
             f"no finished export at {final_url} (config.json missing): train that stage first"
         )
-    meta = json.loads(fs.cat_file(f"{path}/config.json"))
+    fs, path = filesystem(final_url)
     with tempfile.TemporaryDirectory() as tmp:
         fs.get_file(f"{path}/model.safetensors", f"{tmp}/model.safetensors")
         return load_file(f"{tmp}/model.safetensors"), meta
