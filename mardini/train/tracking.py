@@ -210,12 +210,14 @@ class Tracker:
             self._ready.notify()
         self._thread.join(self.flush_timeout_s)
         if self._thread.is_alive():
-            self.dropped += len(self._queue)
+            with self._ready:  # the thread may still be taking items
+                left = len(self._queue)
+            self.dropped += left
             log.warning(
                 "tracking: MLflow at %s did not take the last %d items within %.0f s; the run "
                 "stays as it is there (training is not affected)",
                 self._uri,
-                len(self._queue),
+                left,
                 self.flush_timeout_s,
             )
         else:
