@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +62,8 @@ def photo_dir() -> Path:
 
 def load_photo(path: Path, max_side: int = 512) -> torch.Tensor:
     """A photograph as ``3 H W`` in [-1, 1], downscaled (Lanczos) so its longer side <= max_side."""
+    from PIL import Image  # here: rendering (``synthesize``) needs only torch
+
     with Image.open(path) as image:
         image = image.convert("RGB")
         scale = max_side / max(image.size)

@@ -113,6 +113,9 @@ class ModelConfig(_Strict):
     # "flow": rectified flow (x_t = (1-t) x + t eps, predict eps - x);
     # "v": the paper's v-prediction on a cosine schedule, sampled with DDIM.
     objective: Literal["flow", "v"] = "flow"
+    # Moves training times and the sampler's time grid towards noise (SD3's shift,
+    # s t / (1 + (s - 1) t); 1 = none). See mardini/diffusion/schedule.py.
+    time_shift: float = Field(1.0, gt=0.0)
     # What the generator outputs: "velocity" (the paper's v; eps - x for rectified flow), or
     # "x0", the clean frames, turned into the velocity through the schedule (as in JiT, Li & He
     # 2025): at high noise a velocity model must reproduce its own noisy input exactly, and in

@@ -98,3 +98,27 @@ def test_sampler_rejects_unknown_solver():
             torch.zeros(1, 2, 1, 1, 1),
             solver="rk4",
         )
+
+
+@pytest.mark.parametrize("cls", [FlowSchedule, VSchedule], ids=["flow", "v"])
+def test_time_shift_moves_training_times_and_the_grid_towards_noise(cls):
+    plain, shifted = cls(), cls(shift=3.0)
+    torch.testing.assert_close(plain.grid(4), torch.linspace(1.0, 0.0, 5))
+    grid = shifted.grid(4)
+    assert grid[0] == 1.0 and grid[-1] == 0.0 and (grid[1:] < grid[:-1]).all()
+    # Every inner time moves towards noise: t = 0.5 becomes 3 * 0.5 / (1 + 2 * 0.5) = 0.75.
+    assert (grid[1:-1] > plain.grid(4)[1:-1]).all() and grid[2] == pytest.approx(0.75)
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    t_plain, t_shift = plain.sample_t(20000, gen()), shifted.sample_t(20000, gen())
+    assert (t_shift >= t_plain).all() and t_shift.mean() > t_plain.mean() + 0.1
+    assert 0 < t_shift.min() and t_shift.max() < 1
+
+
+def test_the_model_config_carries_the_shift_to_its_schedule():
+    from mardini.config import ModelConfig
+    from mardini.models import build_model
+
+    assert build_model(ModelConfig(preset="debug", time_shift=3.0)).schedule.shift == 3.0
+    assert build_model("debug").schedule.shift == 1.0
+    with pytest.raises(ValueError, match="time_shift"):
+        ModelConfig(preset="debug", time_shift=0.0)

@@ -1,4 +1,4 @@
-"""Deterministic samplers over a time grid from t=1 (noise) to t=0 (clean).
+"""Deterministic samplers over the schedule's time grid from t=1 (noise) to t=0 (clean).
 
 ``euler`` is the DDIM step written through the schedule's (x, eps) inversion, which for
 rectified flow is exactly Euler; ``heun`` adds a second-order correction (one extra model call
@@ -15,11 +15,6 @@ from mardini.diffusion.schedule import Schedule
 
 # (x_t, t per frame B T) -> velocity
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def time_grid(steps: int, device=None) -> torch.Tensor:
-    """``steps + 1`` times from 1 to 0."""
-    return torch.linspace(1.0, 0.0, steps + 1, device=device)
 
 
 def sample_loop(
@@ -40,7 +35,7 @@ def sample_loop(
         raise ValueError(f"unknown solver {solver!r}; use 'euler' or 'heun'")
     keep = frame_mask.reshape(frame_mask.shape + (1,) * (reference.dim() - 2))
     x = torch.where(keep, reference, noise)
-    grid = time_grid(steps, device=noise.device)
+    grid = schedule.grid(steps, device=noise.device)
 
     def frame_times(t: torch.Tensor) -> torch.Tensor:
         # Reference frames are clean: they are seen at t = 0 whatever the step.

@@ -58,7 +58,7 @@ class MarDini(nn.Module):
                 cfg.planner.width, patch_dim, cfg.head.width, cfg.head.depth
             )
         self.generator = Generator(cfg.generator, c, plan_dim=cfg.planner.width, checkpointing=ckpt)
-        self.schedule = build_schedule(cfg.objective)
+        self.schedule = build_schedule(cfg.objective, cfg.time_shift)
 
     def train(self, mode: bool = True) -> MarDini:
         """Train mode for the models; the autoencoder stays frozen in eval mode."""
