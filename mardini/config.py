@@ -315,6 +315,9 @@ class StageConfig(_Strict):
     steps: int = Field(100, ge=1)
     micro_batch: int = Field(1, ge=1)
     grad_accum: int = Field(1, ge=1)
+    # Weights and activations of the ZeRO-3 job: "auto" is bf16 on a GPU and fp32 on CPU.
+    # Under bf16 the optimizer keeps fp32 master weights, and the export is made from them.
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     frames: int = Field(4, ge=2)
     resolution: int = Field(32, ge=8)
     fps: float = Field(8.0, gt=0)

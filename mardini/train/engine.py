@@ -101,8 +101,13 @@ class StageResult:
 CPU_ZERO3 = {"stage3_param_persistence_threshold": 1_000_000, "memory_efficient_linear": False}
 
 
+def uses_bf16(stage: StageConfig, on_gpu: bool) -> bool:
+    """Whether the stage's job runs in bf16 (``precision``; ``auto``: on a GPU only)."""
+    return stage.precision == "bf16" or (stage.precision == "auto" and on_gpu)
+
+
 def deepspeed_config(stage: StageConfig, on_gpu: bool) -> dict:
-    """The DeepSpeed config for a stage: ZeRO-3, clipping, accumulation, bf16 on GPU only."""
+    """The DeepSpeed config for a stage: ZeRO-3, clipping, accumulation, bf16 per ``uses_bf16``."""
     return {
         "train_micro_batch_size_per_gpu": stage.micro_batch,
         "gradient_accumulation_steps": stage.grad_accum,
@@ -114,7 +119,7 @@ def deepspeed_config(stage: StageConfig, on_gpu: bool) -> dict:
             "stage3_gather_16bit_weights_on_model_save": False,
             **({} if on_gpu else CPU_ZERO3),
         },
-        "bf16": {"enabled": on_gpu},
+        "bf16": {"enabled": uses_bf16(stage, on_gpu)},
         # Our optimizer is torch's AdamW: it runs on CPU and GPU alike (DeepSpeed's fused Adam
         # is CUDA-only), and ZeRO-3 partitions its state all the same.
         "zero_allow_untested_optimizer": True,
@@ -384,7 +389,7 @@ def _loop(
     ``stop`` (a ``StopRequest``) has seen SIGTERM on any rank, every rank saves after the
     current step and ``Stopped`` is raised."""
     masks = MaskSampler(stage.mask.tasks, stage.mask.keep)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if uses_bf16(stage, device.type == "cuda") else torch.float32
     tokens = tokens_per_sample(engine.module, stage)
     flops = flops_per_sample(engine.module, stage)
     samples_per_step = stage.micro_batch * stage.grad_accum * world
@@ -476,18 +481,23 @@ def _loop(
 
 
 def _gather_state(engine, rank: int) -> dict[str, torch.Tensor]:
-    """Full fp32 weights on rank 0 (gathered module by module to bound memory)."""
+    """Full fp32 weights on rank 0, module by module to bound memory: the optimizer's fp32
+    master copy of every trained weight (under bf16 the module holds only a rounded copy of
+    it), the gathered module weights of frozen parts. Every rank must call it (collectives)."""
     import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
 
     state: dict[str, torch.Tensor] = {}
     for name, module in engine.module.named_modules():
-        own = list(module.parameters(recurse=False))
-        with deepspeed.zero.GatheredParameters(own, modifier_rank=None):
-            if rank == 0:
-                for pname, param in module.named_parameters(recurse=False):
-                    state[f"{name}.{pname}" if name else pname] = (
-                        param.detach().float().cpu().clone()
-                    )
+        own = list(module.named_parameters(recurse=False))
+        frozen = [p for _, p in own if not p.requires_grad]
+        with deepspeed.zero.GatheredParameters(frozen, modifier_rank=None):
+            for pname, param in own:
+                # All-gathers the fp32 partitions of a trained weight; None for a frozen one.
+                master = safe_get_full_fp32_param(param) if param.requires_grad else None
+                if rank == 0:
+                    value = master if master is not None else param.detach()
+                    state[f"{name}.{pname}" if name else pname] = value.float().cpu().clone()
         if rank == 0:
             for bname, buf in module.named_buffers(recurse=False):
                 if bname not in getattr(module, "_non_persistent_buffers_set", set()):
