@@ -25,7 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import Pause
 from prefect.runtime import deployment, flow_run
 
-from mardini.config import CurriculumConfig, load_config
+from mardini.config import CurriculumConfig, ModelConfig, StageConfig, load_config
 from mardini.progress import StageEvent, emit
 from mardini.storage import join, store_root
 from mardini.train.checkpoint import read_final_meta, stage_dir
@@ -107,10 +107,20 @@ _NOT_TRAINING = {
 
 
 def same_training(meta: dict[str, Any], cfg: CurriculumConfig, stage: str) -> bool:
-    """Whether an export's metadata says it was trained with this model and stage config."""
+    """Whether an export's metadata says it was trained with this model and stage config.
+
+    The recorded configs are read back through their models first, so a field added since
+    (``precision``, ``time_shift``) counts at its default, which is what that export used."""
+    try:
+        have_stage = StageConfig.model_validate(meta.get("stage_config") or {})
+        have_model = ModelConfig.model_validate(meta.get("model") or {})
+    except ValueError:  # written by a version whose fields no longer exist: not comparable
+        return False
     want = cfg.stage(stage).model_dump(mode="json", exclude=_NOT_TRAINING)
-    have = {k: v for k, v in (meta.get("stage_config") or {}).items() if k not in _NOT_TRAINING}
-    return have == want and meta.get("model") == cfg.model.model_dump(mode="json")
+    have = have_stage.model_dump(mode="json", exclude=_NOT_TRAINING)
+    return have == want and have_model.model_dump(mode="json") == cfg.model.model_dump(
+        mode="json"
+    )
 
 
 @task(name="train-stage", cache_policy=NO_CACHE)

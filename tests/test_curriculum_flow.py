@@ -313,3 +313,20 @@ def test_console_summary_puts_psnr_and_fvd_beside_the_baselines():
     )
     assert "4 clips" in lines[1] and "1404" in lines[1]
     assert held_out_summary({"heldout_loss": 0.5}) == ""  # a mar stage: nothing to compare
+
+
+def test_an_export_from_before_a_new_field_counts_as_the_same_training():
+    """``same_training`` reads the recorded configs back at their defaults: an export written
+    before ``precision`` / ``time_shift`` existed matches a config that leaves them at the
+    default, and not one that sets another value."""
+    from mardini.config import load_config
+    from pipelines.curriculum_flow import same_training
+
+    cfg = load_config(CONFIGS / "tiny.yaml", ["model.time_shift=1.0"])
+    stage = cfg.stage("dm").model_dump(mode="json")
+    model = cfg.model.model_dump(mode="json")
+    old = {"stage_config": {k: v for k, v in stage.items() if k != "precision"}}
+    old["model"] = {k: v for k, v in model.items() if k != "time_shift"}
+    assert same_training(old, cfg, "dm")
+    assert not same_training(old, load_config(CONFIGS / "tiny.yaml"), "dm")  # time_shift 3
+    assert not same_training({"stage_config": {"gone": 1}, "model": model}, cfg, "dm")
