@@ -118,9 +118,7 @@ def same_training(meta: dict[str, Any], cfg: CurriculumConfig, stage: str) -> bo
         return False
     want = cfg.stage(stage).model_dump(mode="json", exclude=_NOT_TRAINING)
     have = have_stage.model_dump(mode="json", exclude=_NOT_TRAINING)
-    return have == want and have_model.model_dump(mode="json") == cfg.model.model_dump(
-        mode="json"
-    )
+    return have == want and have_model.model_dump(mode="json") == cfg.model.model_dump(mode="json")
 
 
 @task(name="train-stage", cache_policy=NO_CACHE)
