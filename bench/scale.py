@@ -20,6 +20,10 @@ real validation video and on synthetic clips of camera paths never trained on. T
 variants train on the demo's clips plus ``--pool`` freshly rendered synthetic clips (the demo
 has about 450), so data volume is the only difference to their ``demo`` twins. Each process
 stops at its deadline and reports the milestones it reached.
+
+The model is the ``--config``'s (``configs/tiny.yaml``), the optimizer the trainer's defaults.
+The runs in issue 12's note (2026-12-04) predate both: they trained tiny.yaml's model before
+``time_shift`` (shift 1) with AdamW betas (0.9, 0.99).
 """
 
 from __future__ import annotations
@@ -169,8 +173,8 @@ def evaluate(model, clips_u8: torch.Tensor, device, seed: int = 0) -> dict[str, 
     return {k: sum(v) / len(v) for k, v in sums.items()}
 
 
-def train_variant(name, data_path, device, deadline, out, milestones, threads):
-    from mardini.config import ModelConfig
+def train_variant(name, config, data_path, device, deadline, out, milestones, threads):
+    from mardini.config import OptimizerConfig, load_config
     from mardini.data.augment import augment_clips
     from mardini.masking import MaskSampler
     from mardini.models import build_model
@@ -189,20 +193,23 @@ def train_variant(name, data_path, device, deadline, out, milestones, threads):
         extra = torch.load(Path(out).parent / "pool.pt")
         train = torch.cat([train, extra])
     held_synth = torch.load(Path(out).parent / "heldout_synthetic.pt")
-    gen_cfg = {"attention": "temporal", "reference_path": True, **overrides}
-    cfg = ModelConfig(
-        preset="tiny", prediction="x0", loss_space="x0", loss_reduction="log", generator=gen_cfg
-    )
+    # The demo's model (the config's ``model:``), with the variant's generator overrides.
+    sets = [f"model.generator.{key}={json.dumps(value)}" for key, value in overrides.items()]
+    cfg = load_config(config, sets).model
     model = build_model(cfg).to(device)
     params = [p for p in model.generator.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    warmup = 20
-    total = milestones[-1]
+    # The trainer's optimizer settings (mardini.train.engine imports MLflow, which the GPU
+    # machine lacks, so its lr_lambda is written out here: warm-up, then cosine to the floor
+    # over the longest milestone).
+    optim = OptimizerConfig(lr=lr, warmup_steps=20)
+    opt = torch.optim.AdamW(params, lr=lr, betas=optim.betas, weight_decay=optim.weight_decay)
+    warmup, floor, total = optim.warmup_steps, optim.min_lr_ratio, milestones[-1]
 
-    def factor(step):  # warm-up, then cosine over the longest milestone
+    def factor(step):
         if step < warmup:
             return (step + 1) / warmup
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / total)))
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     masks = MaskSampler(TASKS, KEEP)
@@ -219,7 +226,7 @@ def train_variant(name, data_path, device, deadline, out, milestones, threads):
             loss = model(video, mask, kind="dm")["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
             opt.step()
             sched.step()
             with torch.no_grad():
@@ -302,7 +309,16 @@ def run(args) -> None:
     procs = [
         ctx.Process(
             target=train_variant,
-            args=(n, args.data, args.device, deadline, str(results), milestones, threads),
+            args=(
+                n,
+                args.config,
+                args.data,
+                args.device,
+                deadline,
+                str(results),
+                milestones,
+                threads,
+            ),
         )
         for n in names
     ]
@@ -328,6 +344,7 @@ def main() -> None:
     p.add_argument("--out", default="out/scale/data.pt")
     r = sub.add_parser("run")
     r.add_argument("--data", default="out/scale/data.pt")
+    r.add_argument("--config", default="configs/tiny.yaml", help="whose model: is trained")
     r.add_argument("--out", default=os.environ.get("OUT", "out/scale"))
     r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     r.add_argument("--budget-s", type=float, default=300)
