@@ -60,9 +60,10 @@ def prefect_server(tmp_path):
 def test_deployment_run_train_curriculum_local(tmp_path, train_shards, prefect_server):
     env = {**prefect_server, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     config = _config(tmp_path, train_shards, "served")
+    serve_log = tmp_path / "serve.log"  # the flow runs in this process: its log says why it failed
     serve = subprocess.Popen(
         [sys.executable, "-m", "pipelines.serve"], env=env, cwd=Path(__file__).parents[1],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        stdout=serve_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:
         deadline = time.time() + 120  # until serve has registered its deployments
@@ -81,7 +82,9 @@ def test_deployment_run_train_curriculum_local(tmp_path, train_shards, prefect_s
              "--watch", "--watch-timeout", "900"],
             env=env, capture_output=True, text=True, timeout=1000,
         )  # fmt: skip
-        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        assert run.returncode == 0, (
+            run.stdout[-1500:] + "\n--- serve log ---\n" + (serve_log.read_text()[-30000:])
+        )
         assert "Completed" in run.stdout
         client = MlflowClient(env["MLFLOW_TRACKING_URI"])
         assert alias_version(client, registered_name("served"), "champion") is not None

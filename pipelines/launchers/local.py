@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 # How long the launcher waits for a finished node's remaining output lines.
 PUMP_JOIN_S = 5.0
 
-TAIL_LINES = 40
+TAIL_LINES = 80  # torchrun's own failure report takes about 35 of them
 
 
 class LaunchError(RuntimeError):
