@@ -69,10 +69,12 @@ ENV HOME=/home/mardini
 # set these same variables, and the PyTorchJob's own command replaces this one.
 ENV PET_NNODES=1 \
     PET_NPROC_PER_NODE=1 \
-    PET_NODE_RANK=0 \
-    PET_MASTER_ADDR=127.0.0.1 \
-    PET_MASTER_PORT=29500 \
+    PET_RDZV_BACKEND=c10d \
+    PET_RDZV_ENDPOINT=127.0.0.1:29500 \
+    PET_RDZV_ID=mardini \
+    PET_MAX_RESTARTS=0 \
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 \
     MARDINI_CONFIG=configs/tiny.yaml \
     MARDINI_STAGE=mar
 # The launch contract (DESIGN.md, Training). `exec` makes torchrun PID 1 so it gets SIGTERM.
-CMD ["/bin/sh", "-c", "exec torchrun --nnodes \"$PET_NNODES\" --nproc-per-node \"$PET_NPROC_PER_NODE\" --node-rank \"$PET_NODE_RANK\" --master-addr \"$PET_MASTER_ADDR\" --master-port \"$PET_MASTER_PORT\" -m mardini.train --config \"$MARDINI_CONFIG\" --stage \"$MARDINI_STAGE\""]
+CMD ["/bin/sh", "-c", "exec torchrun --nnodes \"$PET_NNODES\" --nproc-per-node \"$PET_NPROC_PER_NODE\" --rdzv-backend \"$PET_RDZV_BACKEND\" --rdzv-endpoint \"$PET_RDZV_ENDPOINT\" --rdzv-id \"$PET_RDZV_ID\" --max-restarts \"$PET_MAX_RESTARTS\" -m mardini.train --config \"$MARDINI_CONFIG\" --stage \"$MARDINI_STAGE\""]

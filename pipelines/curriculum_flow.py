@@ -133,8 +133,12 @@ def train_stage(
     nproc_per_node: int,
     image: str | None,
     timeout_s: float | None,
+    max_restarts: int | None = None,
 ) -> dict[str, Any]:
-    """Run the stage's training job to completion and return its export's metadata."""
+    """Run the stage's training job to completion and return its export's metadata.
+
+    ``max_restarts``: how often torchrun restarts the ranks from the latest checkpoint after
+    one fails (None: the launcher's default)."""
     env = {
         "MARDINI_STORE": store,
         "MARDINI_PARENT_RUN_ID": parent_run_id,
@@ -162,12 +166,14 @@ def train_stage(
             env=env,
             timeout_s=timeout_s,
             on_step=progress.step,
+            **({} if max_restarts is None else {"max_restarts": max_restarts}),
         )
     elif launcher == "kubeflow":
         from pipelines.launchers.kubeflow_run import run_pytorchjob
 
         run_pytorchjob(cfg, stage, config_path=None, image=image, nnodes=nnodes,
-                       nproc_per_node=nproc_per_node, run_id=parent_run_id, timeout_s=timeout_s)  # fmt: skip
+                       nproc_per_node=nproc_per_node, run_id=parent_run_id, timeout_s=timeout_s,
+                       max_restarts=max_restarts)  # fmt: skip
     else:
         raise ValueError(f"unknown launcher {launcher!r}; use 'local' or 'kubeflow'")
     progress.set(total, f"stage {stage}: trained, {total}/{total} steps")
@@ -284,8 +290,12 @@ def train_curriculum(
     nnodes: int = 1,
     nproc_per_node: int = 2,
     timeout_s: float | None = None,
+    max_restarts: int | None = None,
 ) -> dict[str, str]:
-    """Train, evaluate, gate and promote every stage of a curriculum; returns stage -> version."""
+    """Train, evaluate, gate and promote every stage of a curriculum; returns stage -> version.
+
+    ``max_restarts``: restarts of a stage's ranks from its latest checkpoint after one fails
+    (default: 1 locally, ``LaunchConfig.max_restarts`` on Kubeflow)."""
     logger = get_run_logger()
     store = store_root(store)
     uri = tracking_uri(store)
@@ -342,6 +352,7 @@ def train_curriculum(
                     nproc_per_node,
                     image,
                     timeout_s,
+                    max_restarts,
                 )
                 client.log_metric(parent_id, f"{stage.name}.train_seconds", meta["train_seconds"])
                 run_id = meta.get("mlflow_run_id")

@@ -23,12 +23,15 @@ def render_job(
     config: Path = typer.Option(..., "--config", "-c", help="Curriculum YAML (read here)."),
     stage: str = typer.Option(..., "--stage", "-s", help="Stage to train."),
     image: str | None = typer.Option(None, help="Training image, pinned by tag or digest."),
-    nnodes: int | None = typer.Option(None, min=1, help="Pods: 1 Master + nnodes-1 Workers."),
+    nnodes: int | None = typer.Option(None, min=1, help="Pods (elastic Workers)."),
     nproc_per_node: int | None = typer.Option(None, min=1, help="Ranks per pod (default: GPUs)."),
     gpus_per_node: int | None = typer.Option(None, min=0, help="GPUs per pod; 0 trains on CPU."),
     cpu: str | None = typer.Option(None, help="CPU request and limit per pod."),
     memory: str | None = typer.Option(None, help="Memory request and limit per pod."),
     shm_size: str | None = typer.Option(None, help="Size of the in-memory /dev/shm."),
+    max_restarts: int | None = typer.Option(
+        None, min=0, help="Restarts of all ranks from the latest checkpoint after one fails."
+    ),
     namespace: str | None = typer.Option(None, help="Namespace of the job."),
     store: str | None = typer.Option(
         None, help="MARDINI_STORE for the job (default: the ConfigMap's)."
@@ -61,6 +64,7 @@ def render_job(
             cpu=cpu,
             memory=memory,
             shm_size=shm_size,
+            max_restarts=max_restarts,
             namespace=namespace,
             store=store,
         )

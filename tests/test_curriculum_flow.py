@@ -246,7 +246,10 @@ def test_a_crashing_rank_fails_the_flow_with_its_log_tail(
 ):
     config = _config(tmp_path, train_shards, "flow-crash")
     monkeypatch.setenv("MARDINI_FAULT", "step:1:1")  # rank 1 SIGKILLs itself at its second step
-    state = train_curriculum(config=config, store=str(tmp_path / "store"), return_state=True)
+    # No restart allowed: the failure reaches the flow (with restarts the group would resume).
+    state = train_curriculum(
+        config=config, store=str(tmp_path / "store"), max_restarts=0, return_state=True
+    )
     assert state.is_failed()
     message = str(state.result(raise_on_failure=False))
     assert "stage 'mar'" in message and "exited with code" in message

@@ -47,9 +47,9 @@ K8S_VERSION = "1.33"
 CRD_SCHEMA = Path(__file__).parent / "data" / "kubeflow.org_pytorchjobs.v1.schema.json"
 # DESIGN.md, "Training": the command every training container runs.
 CONTRACT = (
-    "torchrun --nnodes $PET_NNODES --nproc-per-node $PET_NPROC_PER_NODE --node-rank $PET_NODE_RANK "
-    "--master-addr $PET_MASTER_ADDR --master-port $PET_MASTER_PORT -m mardini.train "
-    "--config {config} --stage {stage}"
+    "torchrun --nnodes $PET_NNODES --nproc-per-node $PET_NPROC_PER_NODE "
+    "--rdzv-backend $PET_RDZV_BACKEND --rdzv-endpoint $PET_RDZV_ENDPOINT --rdzv-id $PET_RDZV_ID "
+    "--max-restarts $PET_MAX_RESTARTS -m mardini.train --config {config} --stage {stage}"
 )
 POD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "ReplicaSet"}
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|API_KEY|AUTH_STRING", re.I)
@@ -443,7 +443,7 @@ def test_job_template_matches_render_job(clean_env: None, monkeypatch: pytest.Mo
     mismatches = subset_mismatches(declared, rendered)
     assert not mismatches, "\n".join(mismatches)
     # The template documents the job, not a fragment of it.
-    pod = declared["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    pod = declared["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
     for field in ("command", "env", "envFrom", "resources", "volumeMounts", "ports", "image"):
         assert field in pod["containers"][0], field
     assert {"volumes", "securityContext", "tolerations"} <= set(pod)
@@ -472,21 +472,36 @@ def test_built_job_matches_crd_schema_and_policies(
 def test_crd_schema_rejects_what_the_operator_would() -> None:
     job = to_dict(build_pytorchjob(load_config(REPO / "configs" / "tiny.yaml"), "mar"))
     typo = copy.deepcopy(job)
-    typo["spec"]["pytorchReplicaSpecs"]["Master"]["restartPolicy"] = "OnFailur"
+    typo["spec"]["pytorchReplicaSpecs"]["Worker"]["restartPolicy"] = "OnFailur"
     typo["spec"]["runPolicy"]["backofLimit"] = 3
-    typo["spec"]["pytorchReplicaSpecs"]["Chief"] = typo["spec"]["pytorchReplicaSpecs"]["Master"]
-    typo["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0][
+    typo["spec"]["elasticPolicy"]["maxRestart"] = 3
+    typo["spec"]["pytorchReplicaSpecs"]["Chief"] = typo["spec"]["pytorchReplicaSpecs"]["Worker"]
+    typo["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0][
         "resource"
     ] = {}
     errors = "\n".join(crd_errors(typo))
-    for expected in ("'OnFailur' is not one of", "backofLimit", "'Chief'", "resource"):
+    for expected in (
+        "'OnFailur' is not one of",
+        "backofLimit",
+        "'maxRestart' was unexpected",
+        "'Chief'",
+        "resource",
+    ):
         assert expected in errors, (expected, errors)
 
 
 def test_job_shape_follows_the_launch_contract(paper, tiny) -> None:
     job = to_dict(build_pytorchjob(paper, "dm-9f", nnodes=3, gpus_per_node=8, run_id="r" * 32))
     replicas = job["spec"]["pytorchReplicaSpecs"]
-    assert (replicas["Master"]["replicas"], replicas["Worker"]["replicas"]) == (1, 2)
+    # Elastic: three Worker pods meet at a c10d rendezvous; the group restarts after a rank dies.
+    assert set(replicas) == {"Worker"} and replicas["Worker"]["replicas"] == 3
+    assert job["spec"]["elasticPolicy"] == {
+        "rdzvBackend": "c10d",
+        "rdzvId": job["metadata"]["name"],
+        "minReplicas": 3,
+        "maxReplicas": 3,
+        "maxRestarts": 3,
+    }
     assert {r["restartPolicy"] for r in replicas.values()} == {"OnFailure"}
     assert job["spec"]["nprocPerNode"] == "8" and job["spec"]["runPolicy"]["backoffLimit"] == 3
     assert job["metadata"]["labels"]["mardini.io/mlflow-run-id"] == "r" * 32
@@ -503,6 +518,8 @@ def test_job_shape_follows_the_launch_contract(paper, tiny) -> None:
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     # torchrun waits the pod's grace period (less 10 s) for its SIGTERMed workers to save.
     assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == str(pod["terminationGracePeriodSeconds"] - 10)
+    # A fresh rendezvous store per restart round (the shared one hands out dead ranks' ports).
+    assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
     assert container["resources"]["requests"] == container["resources"]["limits"]
     assert [e["secretRef"]["name"] for e in container["envFrom"] if "secretRef" in e] == [
@@ -519,8 +536,8 @@ def test_job_shape_follows_the_launch_contract(paper, tiny) -> None:
     cpu = to_dict(
         build_pytorchjob(tiny, "mar", gpus_per_node=0, nproc_per_node=2, store="s3://b/s")
     )
-    assert set(cpu["spec"]["pytorchReplicaSpecs"]) == {"Master"}, "one node: no Worker entry"
-    (container,) = cpu["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
+    assert cpu["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
+    (container,) = cpu["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"]
     assert {"name": "DS_ACCELERATOR", "value": "cpu"} in container["env"]
     assert {"name": "MARDINI_STORE", "value": "s3://b/s"} in container["env"]
     assert "nvidia.com/gpu" not in container["resources"]["limits"]
@@ -552,7 +569,7 @@ def test_launch_settings_are_validated(paper) -> None:
         "registry.example.com/mardini:1",
     )
     assert (
-        build_pytorchjob(paper, "mar", launch=lc).spec.pytorch_replica_specs["Worker"].replicas == 1
+        build_pytorchjob(paper, "mar", launch=lc).spec.pytorch_replica_specs["Worker"].replicas == 2
     )
 
 

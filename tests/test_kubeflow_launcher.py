@@ -87,14 +87,16 @@ def test_success_submits_the_built_job_and_keeps_it(cfg):
         run_id="abc",
         client=client,
         poll_s=0,
+        max_restarts=5,
     )
     ((job, namespace),) = client.created
     assert job.kind == "PyTorchJob" and namespace == job.metadata.namespace
-    assert job.spec.pytorch_replica_specs["Worker"].replicas == 1
+    assert job.spec.pytorch_replica_specs["Worker"].replicas == 2
     assert (
-        job.spec.pytorch_replica_specs["Master"].template.spec.containers[0].image
+        job.spec.pytorch_replica_specs["Worker"].template.spec.containers[0].image
         == "reg/mardini:1"
     )
+    assert job.spec.elastic_policy.max_restarts == 5
     assert job.metadata.labels["mardini.io/mlflow-run-id"] == "abc"
     assert client.deleted == []
 

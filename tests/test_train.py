@@ -17,7 +17,10 @@ from mardini.config import load_config
 from mardini.models import build_model
 from mardini.storage import filesystem, join
 from mardini.train.checkpoint import load_init, read_final, stage_dir
+from pipelines.launchers.local import run_local
 from tests.conftest import CONFIGS
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
@@ -192,6 +195,25 @@ def test_killed_rank_resumes_from_latest_and_matches(tmp_path, train_shards, uni
     losses = _losses(f"sqlite:///{Path(store).resolve()}/mlflow.db", "dm")
     # Bit-exact on CPU: same data position, same per-step RNG, restored optimizer and LR state.
     assert losses == uninterrupted
+
+
+def test_a_killed_rank_restarts_the_group_which_resumes_with_no_human(
+    tmp_path, train_shards, uninterrupted
+):
+    """The launch contract is elastic: under the local launcher (the PyTorchJob's command and
+    variables, a c10d rendezvous, --max-restarts), rank 1 dies as step 4 starts and torchrun
+    restarts both ranks, which resume from step-2 in the same launch and the same MLflow run."""
+    config = _config(tmp_path, train_shards)
+    store = str(tmp_path / "store")
+    env = {"MARDINI_STORE": store, "MARDINI_FAULT": "step:3:1"}
+    result = run_local(str(config), "dm", env=env, max_restarts=1, cwd=str(REPO), timeout_s=600)
+    text = "\n".join(result.logs)
+    assert "fault injection: SIGKILL to rank 1 at step:3" in text
+    assert "worker group restart 1 of at most 1" in text
+    assert "from step-2 at step 2" in text
+    uri = f"sqlite:///{Path(store).resolve()}/mlflow.db"
+    assert _run(uri, "dm")[1].info.status == "FINISHED"
+    assert _losses(uri, "dm") == uninterrupted
 
 
 def test_sigterm_finishes_the_step_saves_it_and_resumes_there(

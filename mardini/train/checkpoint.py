@@ -49,9 +49,10 @@ def stage_dir(store: str, curriculum: str, stage: str) -> str:
 def fault_point(point: str) -> None:
     """Test hook: ``MARDINI_FAULT=<point>:<rank>`` SIGKILLs that rank at that point (e.g.
     ``after-upload:step-4:1``, ``step:3:0``); used by the crash/resume tests.
-    ``MARDINI_FAULT_SIGNAL=TERM`` sends SIGTERM instead (a pod being stopped)."""
+    ``MARDINI_FAULT_SIGNAL=TERM`` sends SIGTERM instead (a pod being stopped). The fault is one
+    event: a worker group that torchrun restarted (``TORCHELASTIC_RESTART_COUNT`` > 0) runs on."""
     spec = os.environ.get("MARDINI_FAULT", "")
-    if not spec:
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return
     want, _, rank = spec.rpartition(":")
     if want == point and rank == os.environ.get("RANK", "0"):

@@ -310,6 +310,12 @@ def train_stage(
 
     ckpt = CheckpointManager(url, rank, world, keep=stage.keep_checkpoints)
     start_step, run_id = 0, None
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restarts and rank == 0:
+        log.warning(
+            "worker group restart %d of at most %s (a rank failed): resuming from the latest "
+            "checkpoint", restarts, os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?"),
+        )  # fmt: skip
     tag = ckpt.latest()
     if tag is not None:
         state = ckpt.load(engine, tag)

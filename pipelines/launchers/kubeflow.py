@@ -1,10 +1,19 @@
 """Build the Kubeflow ``PyTorchJob`` that trains one curriculum stage (pure: no cluster access).
 
-The job follows the launch contract in DESIGN.md: every replica runs
+The job follows the launch contract (``pipelines.launchers.contract``): every replica runs
 
-    torchrun --nnodes $PET_NNODES --nproc-per-node $PET_NPROC_PER_NODE --node-rank $PET_NODE_RANK
-             --master-addr $PET_MASTER_ADDR --master-port $PET_MASTER_PORT
+    torchrun --nnodes $PET_NNODES --nproc-per-node $PET_NPROC_PER_NODE
+             --rdzv-backend $PET_RDZV_BACKEND --rdzv-endpoint $PET_RDZV_ENDPOINT
+             --rdzv-id $PET_RDZV_ID --max-restarts $PET_MAX_RESTARTS
              -m mardini.train --config C --stage S
+
+The job is elastic: ``nnodes`` Worker replicas and an ``elasticPolicy`` (c10d rendezvous hosted
+by the agent on ``<job>-worker-0``, ``minReplicas = maxReplicas = nnodes``, ``maxRestarts``).
+When one rank dies, every node's torchrun restarts its workers and the group resumes from the
+stage's ``latest`` checkpoint, with no container restart; a pod that is lost is recreated by
+the operator (``restartPolicy: OnFailure``) and rejoins the rendezvous. Node ranks come from
+the rendezvous, not from the pod names, which is fine: checkpoints live in the store and each
+global rank loads its own partition from there.
 
 The training operator (v1 API) injects the ``PET_*`` variables into the ``pytorch`` container of
 every replica. We reference them with Kubernetes' own ``$(VAR)`` expansion in ``command`` rather
@@ -29,6 +38,7 @@ from typing import Any
 
 import yaml
 from kubeflow.training.models import (
+    KubeflowOrgV1ElasticPolicy,
     KubeflowOrgV1PyTorchJob,
     KubeflowOrgV1PyTorchJobSpec,
     KubeflowOrgV1ReplicaSpec,
@@ -58,7 +68,7 @@ from kubernetes.client import (
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mardini.config import CurriculumConfig
-from pipelines.launchers.contract import contract_words
+from pipelines.launchers.contract import ELASTIC_ENV, contract_words
 
 API_VERSION = "kubeflow.org/v1"
 KIND = "PyTorchJob"
@@ -113,7 +123,11 @@ class LaunchConfig(BaseModel):
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
     priority_class: str | None = None
-    # Container restarts (OnFailure) the job tolerates before it is marked Failed.
+    # Restarts of the worker group (all ranks, from the latest checkpoint) that torchrun makes
+    # after a rank fails, inside the running pods (elasticPolicy.maxRestarts).
+    max_restarts: int = Field(3, ge=0)
+    # Container restarts (OnFailure) the job tolerates before it is marked Failed: a pod lost
+    # or a torchrun that used up max_restarts.
     backoff_limit: int = Field(3, ge=0)
     # Keep finished pods and their logs for post-mortems, then let the operator collect them.
     ttl_seconds_after_finished: int | None = Field(3 * 24 * 3600, ge=0)
@@ -240,7 +254,7 @@ def build_pytorchjob(
     launch: LaunchConfig | None = None,
     **overrides: Any,
 ) -> KubeflowOrgV1PyTorchJob:
-    """The PyTorchJob for one stage: Master + (nnodes-1) Workers running the launch contract.
+    """The PyTorchJob for one stage: ``nnodes`` elastic Workers running the launch contract.
 
     ``launch`` gives the defaults and keyword ``overrides`` (any LaunchConfig field: ``image``,
     ``namespace``, ``nnodes``, ``nproc_per_node``, ``gpus_per_node``, ``cpu``, ``memory``,
@@ -275,20 +289,29 @@ def build_pytorchjob(
             ),
         )
 
-    replicas = {"Master": replica(1)}
-    if lc.nnodes > 1:
-        replicas["Worker"] = replica(lc.nnodes - 1)
+    # Elastic jobs are Workers only (the operator's webhook requires them; the rendezvous is
+    # hosted on worker-0). min = max: a stage's ZeRO-3 partitions need the same world size.
+    name = name or job_name(cfg.name, stage)
+    replicas = {"Worker": replica(lc.nnodes)}
+    elastic = KubeflowOrgV1ElasticPolicy(
+        rdzv_backend="c10d",
+        rdzv_id=name,
+        min_replicas=lc.nnodes,
+        max_replicas=lc.nnodes,
+        max_restarts=lc.max_restarts,
+    )
 
     return KubeflowOrgV1PyTorchJob(
         api_version=API_VERSION,
         kind=KIND,
         metadata=V1ObjectMeta(
-            name=name or job_name(cfg.name, stage),
+            name=name,
             namespace=lc.namespace,
             labels=labels,
             annotations={f"{LABEL_PREFIX}/config": config_path},
         ),
         spec=KubeflowOrgV1PyTorchJobSpec(
+            elastic_policy=elastic,
             nproc_per_node=str(lc.procs),
             pytorch_replica_specs=replicas,
             run_policy=KubeflowOrgV1RunPolicy(
@@ -315,6 +338,9 @@ def _pod_spec(lc: LaunchConfig, command: list[str]) -> V1PodSpec:
     # save (mardini.train.engine.StopRequest).
     shutdown = max(1, lc.termination_grace_seconds - 10)
     env.append(V1EnvVar(name="TORCH_ELASTIC_SHUTDOWN_TIMEOUT", value=str(shutdown)))
+    # A rendezvous store per restart round: shared across rounds, restarted ranks read the dead
+    # ranks' addresses (pytorch/pytorch#135712); see pipelines.launchers.contract.
+    env.extend(V1EnvVar(name=k, value=v) for k, v in ELASTIC_ENV.items())
     env_from = [
         V1EnvFromSource(secret_ref=V1SecretEnvSource(name=secret, optional=False))
         for secret in lc.secrets

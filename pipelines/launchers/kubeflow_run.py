@@ -141,6 +141,7 @@ def run_pytorchjob(
     launch: LaunchConfig | None = None,
     delete_on_cancel: bool | None = None,
     max_attempts: int = 5,
+    max_restarts: int | None = None,
 ) -> None:
     """Create the stage's PyTorchJob (or reattach to it), wait until it succeeds; raise
     ``LaunchError`` otherwise.
@@ -156,6 +157,8 @@ def run_pytorchjob(
     overrides: dict[str, Any] = {"nnodes": nnodes, "nproc_per_node": nproc_per_node}
     if image:
         overrides["image"] = image
+    if max_restarts is not None:
+        overrides["max_restarts"] = max_restarts
     launch = launch or LaunchConfig.from_env(os.environ)
     if delete_on_cancel is None:
         delete_on_cancel = os.environ.get("MARDINI_K8S_DELETE_ON_CANCEL", "").lower() in (

@@ -1,8 +1,8 @@
 """Run a stage on this machine exactly as the Kubeflow operator would run it in a cluster.
 
 ``nnodes`` "nodes" are started as local processes, each running the launch contract's command
-with the variables the training operator sets on a replica (``PET_*``, ``MASTER_ADDR``,
-``MASTER_PORT``, ``WORLD_SIZE``, ``RANK``). Their output is streamed to the log with a node
+with the variables the training operator sets on a replica of an elastic job (``PET_*``: a
+c10d rendezvous, the node count, ``--max-restarts``). Their output is streamed to the log with a node
 prefix (the trainer's step lines also as ``mardini.progress`` events); when one node fails,
 every other node's process group is torn down, and the error carries the failing node's last
 log lines.
@@ -25,12 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mardini.progress import StageEvent, emit, parse_step
-from pipelines.launchers.contract import contract_words
+from pipelines.launchers.contract import ELASTIC_ENV, contract_words
 
 log = logging.getLogger(__name__)
 
 # How long the launcher waits for a finished node's remaining output lines.
 PUMP_JOIN_S = 5.0
+
+# torchrun restarts a failed worker group this often before the launch fails. Locally a rank
+# that dies is more often a bug than a lost machine, so once; PyTorchJobs take
+# LaunchConfig.max_restarts.
+DEFAULT_MAX_RESTARTS = 1
 
 TAIL_LINES = 80  # torchrun's own failure report takes about 35 of them
 
@@ -58,18 +63,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def operator_env(nnodes: int, nproc: int, node_rank: int, port: int) -> dict[str, str]:
-    """The variables the Kubeflow training operator sets on replica ``node_rank``."""
+def operator_env(
+    nnodes: int, nproc: int, port: int, run_id: str, max_restarts: int = 0
+) -> dict[str, str]:
+    """The variables the Kubeflow training operator sets on a replica of an elastic job: the
+    rendezvous (c10d at ``127.0.0.1:port``, hosted by the first node's agent), the node count
+    as ``N:N`` and how often torchrun may restart the worker group."""
     return {
-        "PET_NNODES": str(nnodes),
+        "PET_NNODES": f"{nnodes}:{nnodes}",
         "PET_NPROC_PER_NODE": str(nproc),
-        "PET_NODE_RANK": str(node_rank),
-        "PET_MASTER_ADDR": "127.0.0.1",
-        "PET_MASTER_PORT": str(port),
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-        "WORLD_SIZE": str(nnodes),
-        "RANK": str(node_rank),
+        "PET_RDZV_BACKEND": "c10d",
+        "PET_RDZV_ENDPOINT": f"127.0.0.1:{port}",
+        "PET_RDZV_ID": run_id,
+        "PET_MAX_RESTARTS": str(max_restarts),
     }
 
 
@@ -91,14 +97,20 @@ def run_local(
     timeout_s: float | None = None,
     cwd: str | None = None,
     on_step: Callable[[StageEvent], None] | None = None,
+    max_restarts: int = DEFAULT_MAX_RESTARTS,
 ) -> LocalResult:
     """Run the stage's job to completion; raise ``LaunchError`` with the failing node's log tail.
 
-    ``on_step`` sees every training step event, called from this (the caller's) thread."""
+    A rank that dies makes torchrun restart the worker group, up to ``max_restarts`` times,
+    from the stage's latest checkpoint (as in a PyTorchJob); the launcher fails only when a
+    node's torchrun gives up. ``on_step`` sees every training step event, called from this
+    (the caller's) thread."""
     port = free_port()
+    run_id = f"{stage}-{port}"  # one rendezvous per launch
     base = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     if not _has_cuda():
         base.setdefault("DS_ACCELERATOR", "cpu")
+    base.update(ELASTIC_ENV)
     # Each rank's share of this machine's cores, read when the rank imports torch. Left unset,
     # torchrun sets 1 itself and prints a banner saying so.
     ranks = nnodes * nproc_per_node
@@ -129,7 +141,7 @@ def run_local(
     start = time.monotonic()
     try:
         for node in range(nnodes):
-            node_env = {**base, **operator_env(nnodes, nproc_per_node, node, port)}
+            node_env = {**base, **operator_env(nnodes, nproc_per_node, port, run_id, max_restarts)}
             cmd = node_command(config_path, stage, node_env)
             log.info("launching %s node %d/%d: %s", stage, node, nnodes, " ".join(cmd))
             proc = subprocess.Popen(
