@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from pathlib import Path
 
@@ -12,6 +13,9 @@ import webdataset as wds
 
 import mardini.data.loader as loader_module
 from mardini.data import list_shards, train_batches, train_loader, val_batches, val_loader
+from mardini.data.clips import ClipSpec
+from mardini.data.loader import TrainClips
+from mardini.data.shards import shard_samples
 from mardini.storage import filesystem, join
 from mardini.video import read_video, resize_center_crop, write_video
 
@@ -72,7 +76,7 @@ def test_train_batches_match_direct_decoding(shards, tmp_path, fps, resolution):
     stride = int(CLIP_FPS / fps)
     batches = _take(train_batches(shards["root"], **spec, micro_batch=3, seed=0), 4)
     starts = []
-    for keys, video in batches:
+    for keys, video, _ in batches:  # the third field: the lane state
         assert video.shape == (3, 4, 3, resolution, resolution) and video.dtype == torch.float32
         assert -1.0 <= video.min() and video.max() <= 1.0 and video.std() > 0.05
         for key, clip_TCHW in zip(keys, video, strict=True):
@@ -214,3 +218,55 @@ def test_clips_that_cannot_serve_the_stage_are_named(shards, frames, fps, messag
     with pytest.raises(ValueError, match=message) as err:
         train_loader(shards["root"], frames=frames, resolution=32, fps=fps, micro_batch=2)
     assert "train/shard-000000.tar#train-000-" in str(err.value)
+
+
+def _lane_states(batches) -> dict[int, dict]:
+    """What the trainer keeps: each lane's state after the last batch handed out."""
+    states: dict[int, dict] = {}
+    for batch in batches:
+        lane, state = batch.lane_state
+        states[lane] = state
+    return states
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_from_saved_lane_states_seeks_instead_of_reading(shards, workers):
+    """With the lane states a checkpoint keeps, resuming at step k reads the shuffle buffers
+    again and seeks: as many samples read at step 60 (five epochs in) as at step 6, and the
+    batches are the uninterrupted stream's, bit for bit."""
+    urls = list_shards(shards["root"], "train")
+    spec = ClipSpec(frames=4, resolution=32, fps=4.0)
+    args = {"micro_batch": 2, "seed": 0, "rank": 0, "world_size": 1, "shuffle_buffer": 4}
+    reference = _take(iter(TrainClips(urls, spec, lanes=2, **args)), 64)
+    reads = {}
+    for k in (6, 60):
+        states = _lane_states(reference[:k])
+        # Saved as a checkpoint saves them (JSON), read back with string keys.
+        states = json.loads(json.dumps(states))
+        clips = TrainClips(urls, spec, lanes=2, start_step=k, lane_states=states, **args)
+        resumed = _take(iter(clips), 4)
+        for step, batch in enumerate(resumed, start=k):
+            assert batch.keys == reference[step].keys, f"step {step}"
+            assert torch.equal(batch.video, reference[step].video), f"step {step}"
+        reads[k] = clips.samples_read
+        replay = TrainClips(urls, spec, lanes=2, start_step=k, **args)
+        _take(iter(replay), 4)
+        reads[f"replay {k}"] = replay.samples_read
+    assert reads[60] == reads[6], reads
+    # Without the states a resume reads every sample it skips (here 14 vs 134 at step 60).
+    assert reads["replay 60"] - reads["replay 6"] >= (60 - 6) * 2, reads
+    # And through DataLoader workers, as the trainer runs it.
+    states = _lane_states(reference[:60])
+    loader = train_batches(
+        shards["root"], frames=4, resolution=32, fps=4.0, micro_batch=2, shuffle_buffer=4,
+        lanes=2, start_step=60, workers=workers, lane_states=states,
+    )  # fmt: skip
+    for step, batch in enumerate(_take(loader, 4), start=60):
+        assert batch.keys == reference[step].keys and torch.equal(batch.video, reference[step].video)
+
+
+def test_a_shard_read_from_a_sample_on_skips_the_ones_before(shards):
+    url = list_shards(shards["root"], "train")[1]
+    every = [s["__key__"] for s in shard_samples(url)]
+    assert [s["__key__"] for s in shard_samples(url, start=4)] == every[4:]
+    assert list(shard_samples(url, start=len(every))) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -185,6 +186,10 @@ def test_killed_rank_resumes_from_latest_and_matches(tmp_path, train_shards, uni
     assert killed.returncode != 0
     ckpts = Path(stage_dir(store, "trainer-test", "dm")) / "checkpoints"
     assert (ckpts / "latest").read_text() == "step-2"
+    # Each rank keeps its loader's lane positions beside its partitions: the resume seeks.
+    for rank in (0, 1):
+        lanes = json.loads((ckpts / "step-2" / f"rank_{rank}_state.json").read_text())["loader"]
+        assert lanes and all(lane["position"] > 0 for lane in lanes.values())
     # One rank cannot take two ranks' ZeRO-3 partitions: refused before anything is loaded.
     fewer = _torchrun(config, "dm", store, nproc=1)
     assert fewer.returncode != 0

@@ -16,9 +16,15 @@ batch of step ``s`` is a pure function of ``(seed, rank, world_size, s)``. So a 
 ``start_step=k`` yields exactly the batches an uninterrupted stream yields from step ``k`` on,
 with any number of workers (0, 2, ... even a different count than before), because worker
 ``w`` of ``W`` computes steps ``k + w, k + w + W, ...`` and torch's DataLoader hands batches
-out round-robin from worker 0. Resuming reads (never decodes) the skipped samples of a lane;
-decoding, the expensive part, starts at step ``k``. Workers are cheapest when they divide
-``lanes`` (then no two workers read the same lane).
+out round-robin from worker 0. Workers are cheapest when they divide ``lanes`` (then no two
+workers read the same lane).
+
+Resume cost: every training batch carries its lane's state (``lane_state``: the shuffle
+buffer as sample references, the RNG state and the read cursor), which the trainer keeps in
+its checkpoint. Given those states, a resumed lane reads its buffered samples again (at most
+``shuffle_buffer``) and seeks to its cursor, passing earlier samples of a shard by their tar
+headers: the work does not grow with the step. Without them (a checkpoint from before they
+were saved) a lane reads, but never decodes, every sample before step ``k``.
 
 Ranks get disjoint shards (``shards[rank::world_size]``) when there are at least
 ``world_size`` of them, and lanes split a rank's shards the same way when it has at least
@@ -45,7 +51,6 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mardini.data.clips import ClipSpec, RawSample, clip_info, decode_clip, window_starts
@@ -62,6 +67,8 @@ class Batch(NamedTuple):
 
     keys: list[str]
     video: torch.Tensor  # B T 3 H W in [-1, 1]
+    # Training batches: (lane, that lane's state after this batch), what a checkpoint keeps.
+    lane_state: tuple[int, dict] | None = None
 
     @property
     def inputs(self) -> torch.Tensor:
@@ -74,6 +81,7 @@ class LatentBatch(NamedTuple):
 
     keys: list[str]
     latents: tuple[torch.Tensor, torch.Tensor]  # (hi B T C h w, lo B T C h' w')
+    lane_state: tuple[int, dict] | None = None  # as in Batch
 
     @property
     def inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,30 +114,100 @@ def _deal(items: list[str], index: int, count: int) -> list[str]:
 
 
 class _Lane:
-    """One endless, seeded stream of raw samples that can skip forward without decoding."""
+    """One endless, seeded stream of raw samples that can be saved and restored in O(1).
 
-    def __init__(self, shards: list[str], shuffle_buffer: int, seed_key: str) -> None:
-        self._seed_key = seed_key
-        shuffle = wds.shuffle(shuffle_buffer, shuffle_buffer, rng=random.Random(f"{seed_key}/buf"))
-        self._samples: Iterator[RawSample] = shuffle(self._epochs(shards))
-        self.position = 0  # samples consumed so far
+    Its shards pass in a fresh seeded order every epoch through a shuffle buffer: webdataset's
+    algorithm (``wds.shuffle(n, n)``: add one or two samples, pick one at random), written out
+    here so that its state is plain data: the buffered samples as references (epoch, index in
+    that epoch's shard order, sample in shard), the RNG state and the read cursor. A lane made
+    from ``state()`` continues the stream exactly, after reading only the buffered samples
+    again (at most ``shuffle_buffer``) and seeking to the cursor: the cost of a resume does not
+    grow with the step it resumes at."""
 
-    def _epochs(self, shards: list[str]) -> Iterator[RawSample]:
-        for epoch in itertools.count():
-            order = list(shards)
+    def __init__(
+        self, shards: list[str], shuffle_buffer: int, seed_key: str, state: dict | None = None
+    ) -> None:
+        self._shards, self._size, self._seed_key = shards, shuffle_buffer, seed_key
+        self._rng = random.Random(f"{seed_key}/buf")
+        self._buffer: list[tuple[tuple[int, int, int], RawSample]] = []
+        self._cursor = (0, 0, 0)  # the next sample to read: epoch, shard in order, sample
+        self._reader: Iterator[RawSample] | None = None
+        self._orders: dict[int, list[str]] = {}
+        self.position = 0  # samples handed out so far
+        self.reads = 0  # samples read from shards (the cost of skipping and restoring)
+        if state is not None:
+            self._restore(state)
+
+    def _order(self, epoch: int) -> list[str]:
+        if epoch not in self._orders:
+            order = list(self._shards)
             random.Random(f"{self._seed_key}/epoch={epoch}").shuffle(order)
-            for url in order:
-                yield from shard_samples(url)
+            self._orders = {epoch: order}  # epochs only move forward
+        return self._orders[epoch]
+
+    def _read(self) -> tuple[tuple[int, int, int], RawSample]:
+        while True:
+            epoch, shard, index = self._cursor
+            if self._reader is None:
+                self._reader = shard_samples(self._order(epoch)[shard], start=index)
+            sample = next(self._reader, None)
+            if sample is None:  # end of this shard: the next one, or the next epoch
+                self._reader = None
+                last = shard + 1 == len(self._shards)
+                self._cursor = (epoch + 1, 0, 0) if last else (epoch, shard + 1, 0)
+                continue
+            self._cursor = (epoch, shard, index + 1)
+            self.reads += 1
+            return (epoch, shard, index), sample
+
+    def _next(self) -> RawSample:
+        # webdataset.filters._shuffle with bufsize = initial = shuffle_buffer on an endless stream
+        while True:
+            self._buffer.append(self._read())
+            if len(self._buffer) < self._size:
+                self._buffer.append(self._read())
+            if len(self._buffer) >= self._size:
+                k = self._rng.randint(0, len(self._buffer) - 1)
+                picked = self._buffer[k]
+                self._buffer[k] = self._buffer[-1]
+                self._buffer.pop()
+                return picked[1]
 
     def take(self, position: int, count: int) -> list[RawSample]:
         """Samples ``position .. position + count - 1`` of the lane (forward only)."""
         if position < self.position:
             raise RuntimeError(f"lane {self._seed_key} cannot go back to {position}")
         for _ in range(position - self.position):
-            next(self._samples)  # skipped: read from the shard, never decoded
-        out = [next(self._samples) for _ in range(count)]
+            self._next()  # skipped: read from the shard, never decoded
+        out = [self._next() for _ in range(count)]
         self.position = position + count
         return out
+
+    def state(self) -> dict:
+        """Plain data (JSON-able) from which ``_Lane(..., state=...)`` continues the stream."""
+        version, internal, gauss = self._rng.getstate()
+        return {
+            "position": self.position,
+            "cursor": list(self._cursor),
+            "buffer": [list(ref) for ref, _ in self._buffer],
+            "rng": [version, list(internal), gauss],
+        }
+
+    def _restore(self, state: dict) -> None:
+        version, internal, gauss = state["rng"]
+        self._rng.setstate((version, tuple(internal), gauss))
+        self.position = int(state["position"])
+        self._cursor = tuple(state["cursor"])  # type: ignore[assignment]
+        for epoch, shard, index in state["buffer"]:
+            url = self._order(epoch)[shard]
+            sample = next(shard_samples(url, start=index), None)
+            if sample is None:
+                raise RuntimeError(
+                    f"lane {self._seed_key}: {url} has no sample {index} any more; the shards "
+                    "changed since the checkpoint was written"
+                )
+            self.reads += 1
+            self._buffer.append(((epoch, shard, index), sample))
 
 
 class TrainClips(IterableDataset):
@@ -147,6 +225,7 @@ class TrainClips(IterableDataset):
         start_step: int = 0,
         shuffle_buffer: int = 64,
         lanes: int = DEFAULT_LANES,
+        lane_states: dict[int, dict] | None = None,
     ) -> None:
         if not shards:
             raise ValueError("TrainClips needs at least one shard URL")
@@ -167,11 +246,25 @@ class TrainClips(IterableDataset):
         self.rank_shards = _deal(shards, rank, world_size)
         self.spec, self.micro_batch, self.lanes = spec, micro_batch, lanes
         self.start_step, self.shuffle_buffer = start_step, shuffle_buffer
+        self.lane_states = {int(k): v for k, v in (lane_states or {}).items()}
         self._seed_key = f"mardini-train/seed={seed}/rank={rank}/world={world_size}"
+        self.open_lanes: dict[int, _Lane] = {}  # of the last iterator in this process
 
-    def _lane(self, lane: int) -> _Lane:
+    def _lane(self, lane: int, position: int) -> _Lane:
+        """Lane ``lane``, restored from its saved state when that state is not past
+        ``position`` (the first sample this iterator needs from it), else from its start."""
         shards = _deal(self.rank_shards, lane, self.lanes)
-        return _Lane(shards, self.shuffle_buffer, f"{self._seed_key}/lane={lane}")
+        key = f"{self._seed_key}/lane={lane}"
+        state = self.lane_states.get(lane)
+        if state is not None and int(state["position"]) > position:
+            log.warning("lane %d: saved at sample %s, past %d; replaying it", lane, state["position"], position)  # fmt: skip
+            state = None
+        return _Lane(shards, self.shuffle_buffer, key, state)
+
+    @property
+    def samples_read(self) -> int:
+        """Samples the lanes of the last iterator (in this process) read from shards."""
+        return sum(lane.reads for lane in self.open_lanes.values())
 
     def batch(self, step: int, samples: list[RawSample]) -> Batch | LatentBatch:
         """Decode one step's raw samples, each at a window seeded by (seed, rank, step, item)."""
@@ -185,13 +278,13 @@ class TrainClips(IterableDataset):
 
     def __iter__(self) -> Iterator[Batch | LatentBatch]:
         worker, workers = _worker()
-        lanes: dict[int, _Lane] = {}
+        lanes = self.open_lanes = {}
         for step in itertools.count(self.start_step + worker, workers):
             lane, index = step % self.lanes, step // self.lanes
             if lane not in lanes:
-                lanes[lane] = self._lane(lane)
+                lanes[lane] = self._lane(lane, index * self.micro_batch)
             samples = lanes[lane].take(index * self.micro_batch, self.micro_batch)
-            yield self.batch(step, samples)
+            yield self.batch(step, samples)._replace(lane_state=(lane, lanes[lane].state()))
 
 
 class ValClips(IterableDataset):
@@ -269,9 +362,12 @@ def train_batches(
     shuffle_buffer: int = 64,
     lanes: int = DEFAULT_LANES,
     split: str = "train",
+    lane_states: dict[int, dict] | None = None,
 ) -> Iterator[Batch | LatentBatch]:
     """Endless ``Batch(keys, video_BTCHW)`` (``LatentBatch`` from a latent cache) of
-    ``{shards}/{split}``, from step ``start_step``."""
+    ``{shards}/{split}``, from step ``start_step``; ``lane_states`` (the ``lane_state`` of the
+    last batch before ``start_step`` of each lane, as a checkpoint keeps them) make the resume
+    seek instead of reading through every sample before it."""
     urls = list_shards(shards, split)
     spec = ClipSpec(frames=frames, resolution=resolution, fps=fps)
     _check_clips(urls[0], spec)
@@ -285,6 +381,7 @@ def train_batches(
         start_step=start_step,
         shuffle_buffer=shuffle_buffer,
         lanes=lanes,
+        lane_states=lane_states,
     )
     return _stream(dataset, workers)
 
@@ -304,9 +401,12 @@ def train_loader(
     shuffle_buffer: int = 64,
     lanes: int = DEFAULT_LANES,
     split: str = "train",
+    lane_states: dict[int, dict] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Endless ``B T 3 H W`` training batches in [-1, 1] (``(hi, lo)`` latents from a latent
-    cache), resumable at ``start_step``."""
+    cache), resumable at ``start_step``. ``lane_states`` restores the lanes (see
+    ``train_batches``) and is kept up to date: after each batch handed out it holds every
+    lane's state, what a checkpoint saves."""
     batches = train_batches(
         shards,
         frames=frames,
@@ -321,8 +421,19 @@ def train_loader(
         shuffle_buffer=shuffle_buffer,
         lanes=lanes,
         split=split,
+        lane_states=dict(lane_states or {}),
     )
-    return (b.inputs for b in batches)
+    return _tracked(batches, lane_states)
+
+
+def _tracked(
+    batches: Iterator[Batch | LatentBatch], lane_states: dict[int, dict] | None
+) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+    for batch in batches:
+        if lane_states is not None and batch.lane_state is not None:
+            lane, state = batch.lane_state
+            lane_states[lane] = state
+        yield batch.inputs
 
 
 def val_batches(

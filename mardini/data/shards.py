@@ -9,6 +9,8 @@ decodes only the ones it hands to the model.
 from __future__ import annotations
 
 import logging
+import re
+import tarfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,6 +25,8 @@ SHARD_PATTERN = "shard-*.tar"
 _READ_BLOCK = 16 * 2**20
 
 RawSample = dict[str, Any]
+# Members webdataset's tar reader drops (metadata such as __index__): not part of any sample.
+_SKIPPED = r"__[^/]*__($|/)"
 
 
 def split_url(shards: str, split: str) -> str:
@@ -48,15 +52,41 @@ def list_shards(shards: str, split: str) -> list[str]:
     return urls
 
 
-def shard_samples(url: str) -> Iterator[RawSample]:
-    """Raw samples of one shard, in tar order; raises naming the shard if it holds none."""
+def shard_samples(url: str, start: int = 0) -> Iterator[RawSample]:
+    """Raw samples of one shard, in tar order, from sample ``start`` on; raises naming the
+    shard if it holds none. The samples before ``start`` are passed over by their tar headers
+    (seeks), their data never read."""
     fs, path = filesystem(url)
     count = 0
     with fs.open(path, "rb", block_size=_READ_BLOCK) as stream:
+        if start:
+            offset = _sample_offset(stream, start)
+            if offset is None:  # the shard has no more than ``start`` samples
+                return
+            stream.seek(offset)
         files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}])
         for sample in wds.tariterators.group_by_keys(files):
             count += 1
             yield sample
-    if count == 0:
+    if count == 0 and start == 0:
         # An endless resampler would spin forever on an empty shard; say which one it is.
         raise ValueError(f"{url}: shard holds no samples; delete it or re-run prep for it")
+
+
+def _sample_offset(stream: Any, index: int) -> int | None:
+    """Byte offset of the tar header that begins sample ``index`` (0-based), found by reading
+    headers only and grouping member names as webdataset does; None past the last sample."""
+    samples, key = -1, None
+    with tarfile.open(fileobj=stream, mode="r:") as tar:
+        for info in tar:  # a seekable stream: TarFile seeks over each member's data
+            name = info.name
+            if not info.isreg() or re.match(_SKIPPED, name):
+                continue
+            prefix, _ = wds.tariterators.base_plus_ext(name)
+            if prefix is None:
+                continue
+            if prefix != key:
+                samples, key = samples + 1, prefix
+                if samples == index:
+                    return info.offset
+    return None

@@ -71,6 +71,10 @@ class CheckpointManager:
         self.rank, self.world_size, self.keep = rank, world_size, keep
         self.fs, self.path = filesystem(self.root)
         self.local = Path(tempfile.mkdtemp(prefix=f"mardini-ckpt-r{rank}-"))
+        # This rank's own plain-data state (its data loader's lane positions), saved beside its
+        # partitions at every save as rank_{rank}_state.json. DeepSpeed's client_state is
+        # written by rank 0 only, so it cannot hold what differs between ranks.
+        self.rank_state: dict[str, Any] = {}
 
     def latest(self) -> str | None:
         """The tag (``step-N``) of the newest complete checkpoint, or None."""
@@ -87,6 +91,7 @@ class CheckpointManager:
         local = self.local / "save"
         shutil.rmtree(local, ignore_errors=True)
         engine.save_checkpoint(str(local), tag=tag, client_state=client_state, save_latest=False)
+        (local / tag / rank_state_name(self.rank)).write_text(json.dumps(self.rank_state))
         ok = 1
         try:
             for file in sorted((local / tag).rglob("*")):
@@ -149,6 +154,9 @@ class CheckpointManager:
         path, client_state = engine.load_checkpoint(str(local), tag=tag)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {remote}")
+        own = local / tag / rank_state_name(self.rank)
+        # Checkpoints written before rank states existed have none: the loader then replays.
+        self.rank_state = json.loads(own.read_text()) if own.exists() else {}
         shutil.rmtree(local, ignore_errors=True)
         return client_state or {}
 
@@ -167,7 +175,12 @@ def rank_files(listing: list[str], rank: int, world_size: int, where: str) -> li
             "load_universal_checkpoint) before resuming on another number of ranks."
         )
     own = re.compile(rf"(bf16_)?zero_pp_rank_{rank}_mp_rank_\d+_(model|optim)_states\.pt")
-    return sorted(f for f in listing if own.fullmatch(name(f)))
+    return sorted(f for f in listing if own.fullmatch(name(f)) or name(f) == rank_state_name(rank))
+
+
+def rank_state_name(rank: int) -> str:
+    """The file of a checkpoint that holds ``rank``'s own state (``CheckpointManager.rank_state``)."""
+    return f"rank_{rank}_state.json"
 
 
 def export_final(state: dict[str, torch.Tensor], meta: dict[str, Any], stage_url: str) -> str:

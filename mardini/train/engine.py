@@ -212,9 +212,12 @@ def train_batches(
     world: int,
     start_step: int,
     source: str | None = None,
+    lane_states: dict[int, dict] | None = None,
 ) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
     """Micro-batches for this rank from ``start_step`` on (one per micro-step): ``B T 3 H W``
-    video, or ``(hi, lo)`` latents when ``source`` is a latent cache."""
+    video, or ``(hi, lo)`` latents when ``source`` is a latent cache. ``lane_states`` (from
+    the checkpoint resumed) makes the loader seek to ``start_step``, and holds the loader's
+    position after every micro-batch handed out (``mardini.data.loader.train_loader``)."""
     from mardini.data import train_loader
 
     url = source or shards_url(cfg, store)
@@ -232,6 +235,7 @@ def train_batches(
         workers=cfg.data.workers,
         shuffle_buffer=cfg.data.shuffle_buffer,
         lanes=cfg.data.lanes,
+        lane_states=None if cfg.data.overfit_batch else lane_states,
     )
     if cfg.data.overfit_batch:
         first = next(iter(loader))
@@ -354,7 +358,11 @@ def train_stage(
             if config_path and Path(config_path).is_file():
                 tracker.artifact(config_path, "config")
 
-    batches = train_batches(cfg, stage, store, rank, world, start_step, source)
+    # The loader's lane positions: restored from this rank's checkpoint state, kept current
+    # by the loader and saved by the checkpoint manager with every checkpoint.
+    lane_states = {int(k): v for k, v in ckpt.rank_state.get("loader", {}).items()}
+    ckpt.rank_state = {"loader": lane_states}
+    batches = train_batches(cfg, stage, store, rank, world, start_step, source, lane_states)
     try:
         losses = _loop(
             engine, scheduler, cfg, stage, batches, rank, world, device, start_step, ckpt,
