@@ -262,7 +262,9 @@ def test_resume_from_saved_lane_states_seeks_instead_of_reading(shards, workers)
         lanes=2, start_step=60, workers=workers, lane_states=states,
     )  # fmt: skip
     for step, batch in enumerate(_take(loader, 4), start=60):
-        assert batch.keys == reference[step].keys and torch.equal(batch.video, reference[step].video)
+        assert batch.keys == reference[step].keys and torch.equal(
+            batch.video, reference[step].video
+        )
 
 
 def test_a_shard_read_from_a_sample_on_skips_the_ones_before(shards):
