@@ -159,6 +159,28 @@ def test_mlflow_run_holds_params_metrics_artifacts(curriculum):
     assert "config/resolved_config.yaml" in artifacts and "config/trainer-test.yaml" in artifacts
 
 
+def test_a_resumed_stage_reads_its_checkpoint_not_its_init_from(curriculum, tmp_path):
+    """joint-interpolation starts from the mar and dm exports (init_from). Resumed from its
+    step-4 checkpoint it must not read them again (each rank would download them whole at
+    every restart): here they are deleted, and the resumed export still equals the
+    uninterrupted one, bit for bit, frozen weights included."""
+    store = tmp_path / "store"
+    shutil.copytree(curriculum["store"], store)
+    for stage in ("mar", "dm"):
+        shutil.rmtree(Path(stage_dir(str(store), "trainer-test", stage)) / "final")
+    joint = Path(stage_dir(str(store), "trainer-test", "joint-interpolation"))
+    shutil.rmtree(joint / "final")
+    shutil.rmtree(joint / "checkpoints" / f"step-{STEPS}")
+    (joint / "checkpoints" / "latest").write_text("step-4")
+    resumed = _torchrun(curriculum["config"], "joint-interpolation", str(store))
+    _ok(resumed)
+    assert "from step-4 at step 4" in resumed.stderr + resumed.stdout
+    want, _ = read_final(join(stage_dir(curriculum["store"], "trainer-test", "joint-interpolation"), "final"))  # fmt: skip
+    got, _ = read_final(str(joint / "final"))
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
 def test_secrets_never_become_params():
     from mardini.train.tracking import flatten
 

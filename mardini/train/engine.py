@@ -289,11 +289,22 @@ def train_stage(
     on_gpu = device.type == "cuda"
     url = stage_dir(store, cfg.name, stage.name)
 
+    # A stage that has a checkpoint resumes from it: every weight, frozen ones included, is in
+    # there, so init_from exports are not read again (each rank would download them whole).
+    ckpt = CheckpointManager(url, rank, world, keep=stage.keep_checkpoints)
+    tag = ckpt.latest()
     # Identical initial weights on every rank before ZeRO-3 partitions them.
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model)
-    if stage.init_from:
+    if stage.init_from and tag is None:
         load_init(model, stage.init_from, store, cfg.name)
+    elif stage.init_from:
+        # Except the autoencoder when training from latents: it picks the cache (fingerprint).
+        only = ("autoencoder",) if cfg.data.latents and stage.kind != "autoencoder" else ()
+        if only:
+            load_init(model, stage.init_from, store, cfg.name, only=only)
+        if rank == 0:
+            log.info("resuming from %s: init_from (%s) not loaded%s", tag, ", ".join(stage.init_from), " but for the autoencoder" if only else "")  # fmt: skip
     parts = freeze_for(model, stage.kind)
     # Before ZeRO-3 partitions the weights: the cache must match this model's autoencoder.
     source = None
@@ -312,7 +323,6 @@ def train_stage(
         config=deepspeed_config(stage, on_gpu),
     )
 
-    ckpt = CheckpointManager(url, rank, world, keep=stage.keep_checkpoints)
     start_step, run_id = 0, None
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if restarts and rank == 0:
@@ -320,7 +330,6 @@ def train_stage(
             "worker group restart %d of at most %s (a rank failed): resuming from the latest "
             "checkpoint", restarts, os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?"),
         )  # fmt: skip
-    tag = ckpt.latest()
     if tag is not None:
         state = ckpt.load(engine, tag)
         start_step, run_id = int(state["step"]), state.get("mlflow_run_id")
