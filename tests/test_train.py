@@ -347,6 +347,89 @@ def test_checkpoints_and_final_on_s3(tmp_path, train_shards, s3_bucket):
     assert len(_losses(uri, "dm")) == STEPS
 
 
+class _FlakyS3:
+    """An HTTP proxy in front of moto that answers every ``every``-th write with S3's 503
+    SlowDown instead of passing it on: a flaky object store at the wire."""
+
+    def __init__(self, upstream: str, every: int = 3):
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlparse
+
+        target = urlparse(upstream)
+        self.failed, self.writes, lock = 0, 0, threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.command in ("PUT", "POST"):
+                    with lock:
+                        proxy.writes += 1
+                        fail = proxy.writes % every == 0
+                        proxy.failed += fail
+                    if fail:
+                        error = b"<Error><Code>SlowDown</Code><Message>Reduce your request rate.</Message></Error>"  # fmt: skip
+                        self.send_response(503)
+                        self.send_header("Content-Type", "application/xml")
+                        self.send_header("Content-Length", str(len(error)))
+                        self.end_headers()
+                        self.wfile.write(error)
+                        return
+                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+                conn.request(self.command, self.path, body=body, headers=dict(self.headers))
+                answer = conn.getresponse()
+                data = answer.read()
+                self.send_response(answer.status, answer.reason)
+                for key, value in answer.getheaders():
+                    if key.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+def test_a_flaky_object_store_costs_nothing(tmp_path, train_shards, s3_bucket, uninterrupted):
+    """Every third write to S3 fails with 503 SlowDown (a proxy in front of moto): checkpoints
+    and the export still land whole, and the losses are the uninterrupted run's."""
+    config = _config(tmp_path, train_shards)
+    store = f"{s3_bucket}/mardini"
+    flaky = _FlakyS3(os.environ["AWS_ENDPOINT_URL"])
+    try:
+        uri = f"sqlite:///{tmp_path}/mlflow.db"
+        env = {"AWS_ENDPOINT_URL": flaky.url, "MLFLOW_TRACKING_URI": uri}
+        result = _torchrun(config, "dm", store, env=env)
+    finally:
+        flaky.close()
+    _ok(result)
+    assert flaky.failed >= 5, (flaky.failed, flaky.writes)
+    fs, root = filesystem(stage_dir(store, "trainer-test", "dm"))
+    assert fs.cat_file(f"{root}/checkpoints/latest").decode() == f"step-{STEPS}"
+    for rank in (0, 1):  # the newest checkpoint is whole: every rank's partitions are there
+        names = [p.rsplit("/", 1)[-1] for p in fs.find(f"{root}/checkpoints/step-{STEPS}")]
+        assert f"rank_{rank}_state.json" in names
+        assert any(n.startswith(f"zero_pp_rank_{rank}_") and "optim" in n for n in names)
+    state, _ = read_final(f"{store}/runs/trainer-test/dm/final")
+    assert "generator.final.weight" in state
+    assert _losses(uri, "dm") == uninterrupted
+
+
 def test_outside_torchrun_the_error_says_how_to_launch():
     result = subprocess.run(
         [
