@@ -47,11 +47,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _leave_process_group() -> None:
-    """Destroy the process group after the last collective. Left to interpreter shutdown,
-    Gloo's worker threads can outlive it and abort the rank ("terminate called without an
-    active exception", exit -6) after the stage succeeded. Only on the paths where every rank
-    is done (as torchtitan does): after an exception a peer may still be in a collective, and
-    destroying would hang there."""
+    """Destroy the process group after the last collective, rather than leaving its backend's
+    threads to interpreter shutdown (PyTorch's documented practice; see ``_exit`` for the abort
+    that made this matter). Only on the paths where every rank is done (as torchtitan does):
+    after an exception a peer may still be in a collective, and destroying would hang there."""
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -61,8 +60,9 @@ def _leave_process_group() -> None:
 def _exit(code: int) -> None:
     """Leave without running C++ static destructors. Even after ``destroy_process_group`` a
     rank was seen to abort at interpreter teardown ("terminate called without an active
-    exception", exit -6, about 1 run in 20 on a loaded 2-core machine, no Python frame left),
-    failing a stage whose export was already written. Everything the job writes is closed by
+    exception", exit -6, about 1 run in 20 on a loaded 2-core machine, no Python frame left:
+    a C++ thread still joinable at teardown, whose library was not identified), failing a stage
+    whose export was already written. Everything the job writes is closed by
     now (the tracker joined its thread, the export and checkpoints are committed), so flushing
     our own streams is all that teardown still owed us."""
     logging.shutdown()
