@@ -421,7 +421,7 @@ def train_loader(
         shuffle_buffer=shuffle_buffer,
         lanes=lanes,
         split=split,
-        lane_states=dict(lane_states or {}),
+        lane_states=lane_states,  # TrainClips keeps its own copy: updates below do not reach it
     )
     return _tracked(batches, lane_states)
 
