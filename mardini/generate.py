@@ -51,37 +51,11 @@ DEFAULT_RESOLUTION, DEFAULT_FPS = 32, 8.0
 
 def resolve_checkpoint(source: str, tracking_uri: str | None = None) -> str:
     """URL of the ``final/`` export that ``source`` names: a final dir, a stage dir, or
-    ``models:/name@alias`` (downloaded from the MLflow registry at ``tracking_uri``)."""
+    ``models:/name@alias`` (the export its version refers to, in the registry at ``tracking_uri``)."""
     if source.startswith("models:/"):
-        import mlflow
-        from mlflow.tracking import MlflowClient
+        from mardini.mlflow_model import registered_export
 
-        try:
-            # Resolve the alias with an explicit client: download_artifacts looks models:/ URIs
-            # up in the *global* default registry (./mlflow.db), whatever registry_uri it is
-            # given (seen here in MLflow 3.17: `make demo` could not find its champion).
-            client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-            name, _, ref = source.removeprefix("models:/").partition("@")
-            if ref:
-                version = client.get_model_version_by_alias(name, ref).version
-            else:
-                name, _, version = name.partition("/")
-            artifact = client.get_model_version_download_uri(name, str(version))
-            local = Path(
-                mlflow.artifacts.download_artifacts(
-                    artifact_uri=artifact, tracking_uri=tracking_uri
-                )
-            )
-        except Exception as err:
-            raise FileNotFoundError(
-                f"cannot load {source} from the MLflow registry at "
-                f"{tracking_uri or mlflow.get_tracking_uri()}: {err} (check the name and alias, "
-                "or set MLFLOW_TRACKING_URI / --store)"
-            ) from err
-        found = sorted(local.rglob("model.safetensors"))
-        if not found:
-            raise FileNotFoundError(f"{source} holds no model.safetensors (looked under {local})")
-        return str(found[0].parent)
+        return registered_export(source, tracking_uri)
     fs, path = filesystem(source)
     if fs.exists(f"{path}/config.json"):
         return source

@@ -1,15 +1,20 @@
 """A stage's final weights as an MLflow ``pyfunc`` model whose ``predict`` generates video.
 
-``log_model(final_url)`` logs ``final/`` (``model.safetensors`` + ``config.json``) as the
-artifact ``final`` of a pyfunc model and, given ``registered_model_name``, registers it as a new
-version (``register_model`` also moves aliases and returns the version); then
-``mlflow.pyfunc.load_model("models:/name@alias")``, ``mlflow models serve -m models:/name@alias
---env-manager local`` and ``mardini.generate.load_model("models:/name@alias")`` all work. The
-model's code is the installed ``mardini`` package (serve it from the project's environment or
-image: ``--env-manager local``).
+**By reference.** ``log_model(final_url)`` logs a small pyfunc model (its ``MLmodel``, the
+request schema and an input example) whose ``model_config`` names the stage's export in the
+store (``final_url``) and the SHA-256 of its weights; no copy of the weights goes to MLflow.
+Given ``registered_model_name`` it registers a new version (``register_model`` also moves
+aliases). ``mlflow.pyfunc.load_model("models:/name@alias")``, ``mlflow models serve -m
+models:/name@alias --env-manager local`` and ``mardini.generate.load_model("models:/name@alias")``
+read the weights from the store (so they need the store's credentials, as training does). A
+stage retrained later writes other weights to the same URL; the export it replaces is kept in
+``superseded/`` beside it (``mardini.train.checkpoint.export_final``), so every version keeps
+loading the weights it was registered with. Versions logged before this (with a ``final``
+artifact) still load. The model's code is the installed ``mardini`` package (serve it from the
+project's environment or image: ``--env-manager local``).
 
-``predict`` input: a dict (one request), a list of dicts, or a pandas DataFrame (one request per
-row) with
+``predict`` input: a list of requests (``{"inputs": [{...}, ...]}`` when served) or a pandas
+DataFrame (one request per row); each request has
 - ``task``: ``interpolate`` | ``i2v`` | ``expand`` | ``long``;
 - ``first`` and ``last`` (interpolate), ``image`` (i2v, long), ``video`` (expand): a base64
   string of the file's bytes (PNG/JPEG, mp4), a uint8 array (``H W 3`` image, ``T H W 3``
@@ -17,9 +22,10 @@ row) with
   client of ``mlflow models serve`` cannot make the server read its files);
 - ``frames`` (interpolate, i2v: total frames), ``add`` (expand), ``window`` and ``total`` (long);
 - optional ``size``, ``steps``, ``seed``, ``cfg_scale``, ``window`` (expand), and ``format``.
-Output: one uint8 array ``T H W 3`` per request, or with ``"format": "mp4"`` one base64 string
-of an H.264 mp4 (handy behind ``mlflow models serve``). ``format`` is a request field, not a
-``params`` entry: a pyfunc without a params schema drops ``params``.
+The schema (``Request``) is the model's signature, shown on the registry page. MLflow checks
+each field's type; ``parse_request`` then names a missing, unknown or out-of-range field (HTTP
+400 when served). Output: one uint8 array ``T H W 3`` per request, or with ``"format": "mp4"``
+one base64 string of an H.264 mp4 (handy behind ``mlflow models serve``).
 """
 
 from __future__ import annotations
@@ -28,20 +34,19 @@ import base64
 import binascii
 import contextlib
 import importlib.metadata
-import json
 import logging
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
+import pydantic
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
-from mardini.storage import filesystem
 
 log = logging.getLogger(__name__)
 
@@ -123,47 +128,40 @@ INTEGER_FIELDS = {"frames": 2, "add": 1, "window": 2, "total": 2, "size": 8, "st
 MEDIA_FIELDS = {"first": True, "last": True, "image": True, "video": False}  # field -> is image
 
 
-def _requests(model_input: Any) -> Iterator[dict[str, Any]]:
-    """One dict per request from a dict, a list of dicts or a DataFrame.
+class Request(pydantic.BaseModel):
+    """One generation request: the model's signature (MLflow infers it from ``predict``'s type
+    hint and checks each field's type). Which fields a task needs is ``parse_request``'s check;
+    unknown fields are let through to it, so its 400 names them."""
 
-    Also the shapes MLflow's scoring server hands over: ``{"inputs": {...}}`` arrives as a dict
-    of 0-d arrays, ``{"inputs": [{...}]}`` as a list of those, ``{"instances": [...]}`` as a
-    dict of columns, ``{"dataframe_records": [...]}`` as a DataFrame."""
-    import pandas as pd
+    model_config = pydantic.ConfigDict(extra="allow")
 
-    if isinstance(model_input, pd.DataFrame):
-        for record in model_input.to_dict(orient="records"):
-            yield {k: v for k, v in record.items() if not _is_missing(v)}
-    elif isinstance(model_input, dict):
-        task = model_input.get("task")
-        if isinstance(task, np.ndarray) and task.ndim == 1:  # columns, one row a request
-            columns = {
-                k: list(v) if isinstance(v, np.ndarray) else v for k, v in model_input.items()
-            }
-            lengths = {k: len(v) for k, v in columns.items() if isinstance(v, list)}
-            if set(lengths.values()) != {len(task)}:
-                raise RequestError(f"columns of unequal length: {lengths}")
-            for i in range(len(task)):
-                yield {k: v[i] for k, v in columns.items()}
-        else:
-            yield model_input
-    elif isinstance(model_input, list):
-        yield from model_input
-    else:
-        raise RequestError(
-            f"predict takes a dict, a list of dicts or a DataFrame, got {type(model_input)}"
-        )
+    task: str
+    first: Any = None
+    last: Any = None
+    image: Any = None
+    video: Any = None
+    frames: int | None = None
+    add: int | None = None
+    window: int | None = None
+    total: int | None = None
+    size: int | None = None
+    steps: int | None = None
+    seed: int | None = None
+    cfg_scale: float | None = None
+    format: str | None = None
+
+
+def _fields(request: Any) -> dict[str, Any]:
+    """The fields a request set, as a dict (a ``Request``'s unset and missing ones dropped)."""
+    if isinstance(request, pydantic.BaseModel):
+        request = request.model_dump()
+    if not isinstance(request, dict):
+        return request
+    return {k: v for k, v in request.items() if not _is_missing(v)}
 
 
 def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and np.isnan(value))
-
-
-def _plain(value: Any) -> Any:
-    """A 0-d array or numpy scalar as the Python value it holds; anything else unchanged."""
-    if isinstance(value, np.ndarray) and value.ndim == 0 or isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def parse_request(raw: Any, index: int = 0) -> dict[str, Any]:
@@ -174,7 +172,7 @@ def parse_request(raw: Any, index: int = 0) -> dict[str, Any]:
         raise RequestError(
             f"{where}expected an object with a 'task' field, got {type(raw).__name__}"
         )
-    request = {str(k): _plain(v) for k, v in raw.items()}
+    request = {str(k): v for k, v in raw.items()}
     task = request.get("task")
     if task is None:
         raise RequestError(f"{where}missing field 'task' (one of {', '.join(TASKS)})")
@@ -221,19 +219,31 @@ def _integer(value: Any, key: str, least: int, where: str) -> int:
     return value
 
 
+@contextlib.contextmanager
+def _media_fields_untyped() -> Iterator[None]:
+    """Silence MLflow's advice, when it infers the signature, that ``Any`` fields are not
+    type-checked: the media fields are ``Any`` on purpose (base64 string, uint8 array or Path)
+    and ``parse_request`` checks them."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Any type hint is inferred as AnyType")
+        yield
+
+
 class MarDiniModel(mlflow.pyfunc.PythonModel):
-    """Pyfunc wrapper: ``load_context`` loads the ``final`` artifact, ``predict`` generates."""
+    """Pyfunc wrapper: ``load_context`` loads the export the model refers to, ``predict``
+    generates."""
 
     def load_context(self, context) -> None:
-        """Build the model from ``artifacts/final`` (GPU if there is one)."""
+        """Build the model from the export in the store (``model_config``) or, for versions
+        logged with a copy, from ``artifacts/final`` (GPU if there is one)."""
         from mardini.generate import load_model
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model, self.meta = load_model(context.artifacts["final"], device=device)
+        self.model, self.meta = load_model(_export_of(context), device=device)
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list:
+    def predict(self, context, model_input: list[Request], params=None) -> list[Any]:
         """Generate one clip per request; see the module docstring for the input format."""
-        requests = [parse_request(r, i) for i, r in enumerate(_requests(model_input))]
+        requests = [parse_request(_fields(r), i) for i, r in enumerate(model_input)]
         return [self._one(request) for request in requests]
 
     def _one(self, request: dict[str, Any]) -> Any:
@@ -283,20 +293,89 @@ def _field_video(value: Any, key: str, size: int) -> torch.Tensor:
         raise RequestError(f"field {key!r}: {err}") from err
 
 
-def _local_final(final_url: str, tmp: str) -> str:
-    """A local copy of a ``final/`` export (fetched from the store if it is remote)."""
-    fs, path = filesystem(final_url)
-    if not fs.exists(f"{path}/config.json"):
-        raise FileNotFoundError(
-            f"no finished export at {final_url} (config.json missing): train that stage first"
+def _export_of(context) -> str:
+    """The export a loaded pyfunc model refers to (``model_config``), or its ``final`` artifact
+    when it was logged with a copy of the weights (versions from before references)."""
+    config = context.model_config or {}
+    if "final_url" in config:
+        from mardini.train.checkpoint import referenced_export
+
+        return referenced_export(config["final_url"], config.get("weights_sha256"))
+    return context.artifacts["final"]
+
+
+def registered_export(model_uri: str, tracking_uri: str | None = None) -> str:
+    """URL of the ``final/`` export that ``models:/name@alias`` (or ``models:/name/version``)
+    refers to, reading only the version's ``MLmodel`` (a version holding a copy of the weights
+    is downloaded). ``FileNotFoundError`` names the registry and what to check."""
+    import mlflow
+    from mlflow.models import Model
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    try:
+        # An explicit client, registry too: MLflow 3 resolves models:/ URIs in the *global*
+        # default registry (./mlflow.db), whatever tracking_uri it is given (seen in 3.17:
+        # `make demo` could not find its champion).
+        client = MlflowClient(uri, registry_uri=uri)
+        name, _, ref = model_uri.removeprefix("models:/").partition("@")
+        if ref:
+            version = client.get_model_version_by_alias(name, ref).version
+        else:
+            name, _, version = name.partition("/")
+        artifact = client.get_model_version_download_uri(name, str(version)).rstrip("/")
+        mlmodel = Model.load(
+            mlflow.artifacts.download_artifacts(f"{artifact}/MLmodel", tracking_uri=uri)
         )
-    if "://" not in final_url or final_url.startswith("file://"):
-        return path
-    local = Path(tmp) / "final"
-    local.mkdir()
-    for name in ("model.safetensors", "config.json"):
-        fs.get_file(f"{path}/{name}", str(local / name))
-    return str(local)
+        config = mlmodel.flavors.get("python_function", {}).get("config") or {}
+        if "final_url" not in config:  # logged with a copy of the weights
+            local = Path(mlflow.artifacts.download_artifacts(artifact, tracking_uri=uri))
+    except Exception as err:
+        raise FileNotFoundError(
+            f"cannot load {model_uri} from the MLflow registry at {uri}: {err} (check the name "
+            "and alias, or set MLFLOW_TRACKING_URI / --store)"
+        ) from err
+    if "final_url" in config:
+        from mardini.train.checkpoint import referenced_export
+
+        return referenced_export(config["final_url"], config.get("weights_sha256"))
+    found = sorted(local.rglob("model.safetensors"))
+    if not found:
+        raise FileNotFoundError(f"{model_uri} holds no model.safetensors (looked under {local})")
+    return str(found[0].parent)
+
+
+def _absolute(url: str) -> str:
+    """``url`` with a local path made absolute, so the reference holds from any directory."""
+    if "://" in url and not url.startswith("file://"):
+        return url
+    return str(Path(url.removeprefix("file://")).resolve())
+
+
+def _example_png(rgb: tuple[int, int, int]) -> str:
+    """A base64 PNG of a small solid image, for the model's input example."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), rgb).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def input_example() -> list[dict[str, Any]]:
+    """The request shown on the registry page (and in ``serving_input_example.json``):
+    interpolate 5 frames between two images, returned as an mp4."""
+    return [
+        {
+            "task": "interpolate",
+            "first": _example_png((200, 40, 40)),
+            "last": _example_png((40, 40, 200)),
+            "frames": 5,
+            "steps": 10,
+            "format": "mp4",
+        }
+    ]
 
 
 def experiment_id(client, name: str) -> str:
@@ -307,6 +386,32 @@ def experiment_id(client, name: str) -> str:
     return ensure_experiment(name, uri=client.tracking_uri)
 
 
+def save_reference(final_url: str, path: str | Path) -> dict[str, Any]:
+    """Save the pyfunc model that refers to the export at ``final_url`` to local ``path``: the
+    reference (URL and weights digest) as its ``model_config``, the request schema as its
+    signature, ``input_example()``; no weights. Returns the export's metadata."""
+    from mardini.train.checkpoint import read_final_meta
+
+    meta = read_final_meta(final_url)
+    if meta is None:
+        raise FileNotFoundError(
+            f"no finished export at {final_url} (config.json missing): train that stage first"
+        )
+    with _media_fields_untyped():
+        mlflow.pyfunc.save_model(
+            str(path),
+            python_model=MarDiniModel(),
+            model_config={
+                "final_url": _absolute(final_url),
+                "weights_sha256": meta.get("weights_sha256"),
+            },
+            input_example=input_example(),
+            pip_requirements=pip_requirements(),
+            metadata={"source": final_url, "stage": meta.get("stage"), "kind": meta.get("kind")},
+        )
+    return meta
+
+
 def log_model(
     final_url: str,
     registered_model_name: str | None = None,
@@ -314,9 +419,10 @@ def log_model(
     run_id: str | None = None,
     tracking_uri: str | None = None,
 ) -> str:
-    """Log ``final/`` as a pyfunc model under artifact path ``name`` of ``run_id`` (else of a new
-    run ``model-{stage}`` in the curriculum's experiment) and, given ``registered_model_name``,
-    register it as a new version. Returns ``models:/name/version`` when registered, else
+    """Log the export at ``final_url`` by reference as a pyfunc model under artifact path
+    ``name`` of ``run_id`` (else of a new run ``model-{stage}`` in the curriculum's experiment)
+    and, given ``registered_model_name``, register it as a new version. Reads only the export's
+    ``config.json``. Returns ``models:/name/version`` when registered, else
     ``runs:/run_id/name``. Uses ``MlflowClient`` only: no global MLflow state is changed."""
     from mlflow.tracking import MlflowClient
 
@@ -325,16 +431,8 @@ def log_model(
     # registered into ./mlflow.db and then could not find models:/mardini-tiny@champion).
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        local = _local_final(final_url, tmp)
-        meta = json.loads(Path(local, "config.json").read_text())
         saved = Path(tmp) / "pyfunc"
-        mlflow.pyfunc.save_model(
-            str(saved),
-            python_model=MarDiniModel(),
-            artifacts={"final": local},
-            pip_requirements=pip_requirements(),
-            metadata={"source": final_url, "stage": meta.get("stage"), "kind": meta.get("kind")},
-        )
+        meta = save_reference(final_url, saved)
         own_run = run_id is None
         if own_run:
             run_id = client.create_run(
@@ -349,7 +447,7 @@ def log_model(
     if registered_model_name:
         version = _register(client, registered_model_name, run_id, name)
         uri = f"models:/{registered_model_name}/{version}"
-    log.info("logged %s as MLflow model %s", final_url, uri)
+    log.info("logged %s as MLflow model %s (by reference)", final_url, uri)
     return uri
 
 

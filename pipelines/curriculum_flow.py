@@ -256,6 +256,7 @@ def register_candidate(
     client.set_registered_model_alias(name, f"{stage}-candidate", version)
     if run_id:
         client.set_model_version_tag(name, version, "run_id", run_id)
+    client.set_model_version_tag(name, version, "export", final_url)  # what it refers to
     for key, value in version_tags(cfg, stage, metrics or {}).items():
         client.set_model_version_tag(name, version, key, value)
     return version

@@ -208,7 +208,7 @@ def test_registry_alias_loads_and_pyfunc_predicts(checkpoint, images, tmp_path, 
 
     pyfunc = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     path, pixels = images["first"]
-    (clip,) = pyfunc.predict({"task": "i2v", "image": path, "frames": 4, "steps": 1})
+    (clip,) = pyfunc.predict([{"task": "i2v", "image": path, "frames": 4, "steps": 1}])
     assert clip.dtype == np.uint8 and clip.shape == (4, SIZE, SIZE, 3)
     assert np.array_equal(clip[0], pixels)
 
@@ -228,9 +228,9 @@ def test_registry_alias_loads_and_pyfunc_predicts(checkpoint, images, tmp_path, 
     video.write_bytes(base64.b64decode(out[0]))
     assert read_video(video).shape == (5, 3, SIZE, SIZE)
     with pytest.raises(ValueError, match="needs field 'frames'"):
-        pyfunc.predict({"task": "i2v", "image": path})
+        pyfunc.predict([{"task": "i2v", "image": path}])
     with pytest.raises(ValueError, match="never read as paths"):  # served clients send strings
-        pyfunc.predict({"task": "i2v", "image": str(path), "frames": 3})
+        pyfunc.predict([{"task": "i2v", "image": str(path), "frames": 3}])
 
     # The CLI loads the alias through the same path.
     _cli(

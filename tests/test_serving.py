@@ -1,5 +1,6 @@
 """Serving the pyfunc model: the request forms the README documents, through ``predict`` and
-through MLflow's own scoring server app (in process), and a clear 400 for a wrong field."""
+through MLflow's own scoring server app (in process), a clear 400 for a wrong field, and the
+schema and input example the registry page shows."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from mardini.mlflow_model import MarDiniModel, RequestError, _requests, parse_request
+from mardini.mlflow_model import RequestError, parse_request, save_reference
 from mardini.models import build_model
 from mardini.train.checkpoint import export_final
 
@@ -39,10 +40,10 @@ def pyfunc(tmp_path_factory):
     }
     tmp = tmp_path_factory.mktemp("serve")
     final = export_final(model.state_dict(), meta, str(tmp / "stage"))
-    mlflow.pyfunc.save_model(
-        str(tmp / "pyfunc"), python_model=MarDiniModel(), artifacts={"final": final}
-    )
-    yield mlflow.pyfunc.load_model(str(tmp / "pyfunc"))
+    save_reference(final, tmp / "pyfunc")
+    model = mlflow.pyfunc.load_model(str(tmp / "pyfunc"))
+    model.saved_at = tmp / "pyfunc"  # where the test can read what MLflow saved
+    yield model
     torch.set_num_threads(threads)
 
 
@@ -79,30 +80,39 @@ def test_a_wrong_request_names_its_field(raw, message):
     assert err.value.get_http_status_code() == 400
 
 
-def test_scoring_server_shapes_become_plain_requests():
-    # {"inputs": {...}} arrives as 0-d arrays; {"instances": [...]} as columns.
-    single = {"task": np.array("i2v"), "image": np.array("aGk="), "frames": np.array(4)}
-    assert parse_request(next(_requests(single))) == {
-        "task": "i2v", "image": "aGk=", "frames": 4, "format": "array"
+def test_the_model_shows_its_request_schema_and_a_working_example(pyfunc):
+    from mlflow.pyfunc import scoring_server
+    from mlflow.types import DataType
+
+    (request,) = pyfunc.metadata.get_input_schema().inputs  # one object per request
+    fields = {p.name: (p.dtype, p.required) for p in request.type.properties}
+    assert set(fields) == {
+        "task", "first", "last", "image", "video", "frames", "add", "window", "total", "size",
+        "steps", "seed", "cfg_scale", "format",
     }  # fmt: skip
-    columns = {
-        "task": np.array(["i2v", "i2v"]),
-        "image": np.array(["a", "b"]),
-        "frames": np.array([3, 4]),
-    }
-    rows = [parse_request(r) for r in _requests(columns)]
-    assert [(r["image"], r["frames"]) for r in rows] == [("a", 3), ("b", 4)]
+    assert fields["task"] == (DataType.string, True) and fields["frames"] == (DataType.long, False)
+    # By reference: the saved model holds no weights, only where they are.
+    assert not list(pyfunc.saved_at.rglob("*.safetensors"))
+    assert pyfunc.model_config["final_url"].endswith("/stage/final")
+    # The serving example the registry page shows is a request the served model answers.
+    body = (pyfunc.saved_at / "serving_input_example.json").read_text()
+    response = TestClient(scoring_server.init(pyfunc)).post(
+        "/invocations", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 200, response.text
+    (clip,) = response.json()["predictions"]
+    assert isinstance(clip, str) and base64.b64decode(clip)[4:8] == b"ftyp"  # an mp4
 
 
 def test_predict_takes_the_documented_request_forms(pyfunc):
-    (interpolated,) = pyfunc.predict(INTERPOLATE)
+    (interpolated,) = pyfunc.predict([INTERPOLATE])
     assert interpolated.shape == (5, SIZE, SIZE, 3) and interpolated.dtype == np.uint8
     first = np.asarray(Image.open(io.BytesIO(base64.b64decode(INTERPOLATE["first"]))))
     assert np.abs(interpolated[0].astype(int) - first).max() <= 1  # the given frame is kept
     clips = pyfunc.predict([I2V, {**I2V, "format": "mp4"}])
     assert clips[0].shape == (4, SIZE, SIZE, 3) and isinstance(clips[1], str)
     with pytest.raises(RequestError, match="field 'image': input 'not-base64"):
-        pyfunc.predict({**I2V, "image": "not-base64!"})
+        pyfunc.predict([{**I2V, "image": "not-base64!"}])
 
 
 def test_mlflow_scoring_server_answers_inputs_and_a_clear_400(pyfunc):
@@ -110,18 +120,22 @@ def test_mlflow_scoring_server_answers_inputs_and_a_clear_400(pyfunc):
 
     client = TestClient(scoring_server.init(pyfunc))
     for request, frames in ((INTERPOLATE, 5), (I2V, 4)):
-        response = client.post("/invocations", json={"inputs": request})
+        response = client.post("/invocations", json={"inputs": [request]})
         assert response.status_code == 200, response.text
         (clip,) = response.json()["predictions"]
         assert np.asarray(clip).shape == (frames, SIZE, SIZE, 3)
     response = client.post("/invocations", json={"inputs": [I2V, {**I2V, "frames": 3}]})
     assert response.status_code == 200, response.text
     assert [np.asarray(c).shape[0] for c in response.json()["predictions"]] == [4, 3]
-    response = client.post("/invocations", json={"inputs": {**I2V, "frames": 4, "fps": 8}})
-    assert response.status_code == 400
-    body = response.json()
-    assert "unknown field 'fps' for task 'i2v'" in body["message"]
-    response = client.post(
-        "/invocations", json={"inputs": {k: v for k, v in I2V.items() if k != "frames"}}
-    )
-    assert response.status_code == 400 and "needs field 'frames'" in response.json()["message"]
+
+    def refused(*requests, raw=None) -> str:
+        response = client.post("/invocations", json=raw or {"inputs": list(requests)})
+        assert response.status_code == 400, response.text
+        return response.json()["message"]
+
+    assert "unknown field 'fps' for task 'i2v'" in refused({**I2V, "fps": 8})
+    assert "needs field 'frames'" in refused({k: v for k, v in I2V.items() if k != "frames"})
+    # A wrong type is MLflow's check against the schema; its message names the field.
+    assert "frames" in refused({**I2V, "frames": "four"})
+    # One request not in a list: the schema is a list of requests, and the 400 says so.
+    assert "Expected list" in refused(raw={"inputs": I2V})

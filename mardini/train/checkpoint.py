@@ -15,6 +15,7 @@ that is 1/256 of the checkpoint per rank, not all of it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -184,16 +185,76 @@ def rank_state_name(rank: int) -> str:
 
 
 def export_final(state: dict[str, torch.Tensor], meta: dict[str, Any], stage_url: str) -> str:
-    """Write ``final/model.safetensors`` and ``final/config.json``; returns the final URL."""
+    """Write ``final/model.safetensors`` and ``final/config.json``; returns the final URL.
+
+    ``config.json`` records the weights' SHA-256 (``weights_sha256``): registered model versions
+    refer to an export by URL and digest (``mardini.mlflow_model``). An export with other
+    weights already at ``final/`` (the stage retrained with a new config) is first copied to
+    ``superseded/{digest}/`` beside it, so the versions that refer to it keep loading."""
     final = join(stage_url, "final")
     fs, path = filesystem(final)
     with tempfile.TemporaryDirectory() as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, f"{tmp}/model.safetensors")
+        weights = f"{tmp}/model.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, weights)
+        meta = {**meta, "weights_sha256": file_sha256(weights)}
         Path(f"{tmp}/config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        # config.json last: its presence marks a complete export.
-        fs.put_file(f"{tmp}/model.safetensors", f"{path}/model.safetensors")
+        _keep_superseded(final, meta["weights_sha256"])
+        # config.json last: its presence marks a complete export (and its absence a torn one).
+        if fs.exists(f"{path}/config.json"):
+            fs.rm_file(f"{path}/config.json")
+        fs.put_file(weights, f"{path}/model.safetensors")
         fs.put_file(f"{tmp}/config.json", f"{path}/config.json")
     return final
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a local file, read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def superseded_url(final_url: str, sha256: str) -> str:
+    """Where an export with weights ``sha256`` is kept once ``final_url`` holds other weights."""
+    return join(final_url.rstrip("/").rsplit("/", 1)[0], "superseded", sha256[:16])
+
+
+def _keep_superseded(final_url: str, new_sha256: str) -> None:
+    """Copy the export at ``final_url`` to ``superseded/`` if it holds other (hashed) weights.
+    A server-side copy on an object store: the weights do not pass through this process."""
+    old = read_final_meta(final_url)
+    old_sha = (old or {}).get("weights_sha256")
+    if not old_sha or old_sha == new_sha256:
+        return
+    keep = superseded_url(final_url, old_sha)
+    if read_final_meta(keep) is not None:
+        return
+    fs, src = filesystem(final_url)
+    _, dst = filesystem(keep)
+    for name in ("model.safetensors", "config.json"):  # config.json last, as in an export
+        retry(lambda n=name: fs.copy(f"{src}/{n}", f"{dst}/{n}"), f"copying {final_url}/{name}")
+    log.info("kept the export replaced at %s as %s", final_url, keep)
+
+
+def referenced_export(final_url: str, sha256: str | None) -> str:
+    """The export with weights ``sha256`` that was written at ``final_url``: ``final_url`` itself
+    while it still holds them, else its ``superseded/`` copy; FileNotFoundError if neither.
+    Without a digest (an export written before they were recorded) ``final_url`` as it is."""
+    if not sha256:
+        if read_final_meta(final_url) is None:
+            raise FileNotFoundError(f"no finished export at {final_url} (config.json missing)")
+        return final_url
+    for url in (final_url, superseded_url(final_url, sha256)):
+        meta = read_final_meta(url)
+        if meta is not None and meta.get("weights_sha256") == sha256:
+            return url
+    raise FileNotFoundError(
+        f"the export registered from {final_url} (weights sha256 {sha256[:16]}) is gone: that "
+        f"URL now holds other weights and {superseded_url(final_url, sha256)} does not exist; "
+        "register the stage's current export again, or restore the store"
+    )
 
 
 def read_final_meta(final_url: str) -> dict[str, Any] | None:
@@ -207,7 +268,9 @@ def read_final_meta(final_url: str) -> dict[str, Any] | None:
 
 
 def read_final(final_url: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load an exported ``final/`` directory (local or remote): weights and metadata."""
+    """Load an exported ``final/`` directory (local or remote): weights and metadata. Weights
+    whose digest differs from the one ``config.json`` records (a torn or mixed export) are
+    refused."""
     meta = read_final_meta(final_url)
     if meta is None:
         raise FileNotFoundError(
@@ -215,20 +278,23 @@ def read_final(final_url: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
         )
     fs, path = filesystem(final_url)
     with tempfile.TemporaryDirectory() as tmp:
-        fs.get_file(f"{path}/model.safetensors", f"{tmp}/model.safetensors")
-        return load_file(f"{tmp}/model.safetensors"), meta
+        weights = f"{tmp}/model.safetensors"
+        retry(lambda: fs.get_file(f"{path}/model.safetensors", weights), f"reading {final_url}")
+        want = meta.get("weights_sha256")
+        if want and file_sha256(weights) != want:
+            raise ValueError(
+                f"{final_url}/model.safetensors does not match the sha256 its config.json "
+                "records: the export is torn or mixed; export the stage again"
+            )
+        return load_file(weights), meta
 
 
 def resolve_init_source(source: str, store: str, curriculum: str) -> str:
     """URL of the ``final/`` export an ``init_from`` entry names (stage name or models:/ URI)."""
     if source.startswith("models:/"):
-        import mlflow
+        from mardini.mlflow_model import registered_export
 
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source))
-        found = sorted(local.rglob("model.safetensors"))
-        if not found:
-            raise FileNotFoundError(f"{source} holds no model.safetensors (looked under {local})")
-        return str(found[0].parent)
+        return registered_export(source)
     return join(stage_dir(store, curriculum, source), "final")
 
 
