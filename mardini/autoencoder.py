@@ -2,12 +2,14 @@
 
 Both take frames in [-1, 1] as ``B T 3 H W`` and return latents ``B T C H/f W/f`` (f the
 spatial downsampling factor); there is no temporal compression, as in the paper. Nothing is
-downloaded: the KL autoencoder is built from config, or loaded from a local directory.
+downloaded from a hub: the KL autoencoder is built from config, or loaded from a
+``save_pretrained`` directory in the store (local or any fsspec URL).
 """
 
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from pathlib import Path
 
 import torch
@@ -16,6 +18,7 @@ from einops import rearrange
 from torch import nn
 
 from mardini.config import AutoencoderConfig
+from mardini.storage import filesystem, retry
 
 
 class Autoencoder(nn.Module):
@@ -54,13 +57,7 @@ class KLAutoencoder(Autoencoder):
         from diffusers import AutoencoderKL  # heavy import, only when this autoencoder is used
 
         if cfg.path is not None:
-            path = Path(cfg.path)
-            if not (path / "config.json").is_file():
-                raise FileNotFoundError(
-                    f"autoencoder.path {cfg.path!r} has no config.json; give a directory written by "
-                    "AutoencoderKL.save_pretrained (hub ids are not fetched: no downloads at run time)"
-                )
-            self.vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True)
+            self.vae = _load_pretrained(AutoencoderKL, cfg.path)
         else:
             blocks = len(cfg.block_out_channels)
             self.vae = AutoencoderKL(
@@ -97,6 +94,26 @@ class KLAutoencoder(Autoencoder):
         b = latents_BTChw.shape[0]
         z = rearrange(latents_BTChw, "b t c h w -> (b t) c h w") / self.scale + self.shift
         return rearrange(self.vae.decode(z).sample, "(b t) c h w -> b t c h w", b=b)
+
+
+def _load_pretrained(cls: type, url: str) -> nn.Module:
+    """``cls.from_pretrained`` of a save_pretrained directory at a local path or any fsspec URL
+    (copied to a temporary directory first; nothing is fetched from a hub)."""
+    fs, path = filesystem(url)
+    if not fs.exists(f"{path.rstrip('/')}/config.json"):
+        raise FileNotFoundError(
+            f"autoencoder.path {url!r} has no config.json; give a directory written by "
+            "AutoencoderKL.save_pretrained, local or s3:// (hub ids are not fetched: no "
+            "downloads at run time)"
+        )
+    if "://" not in url or url.startswith("file://"):
+        return cls.from_pretrained(path, local_files_only=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for remote in fs.find(path):
+            local = Path(tmp, remote[len(path.rstrip("/")) + 1 :])
+            local.parent.mkdir(parents=True, exist_ok=True)
+            retry(lambda r=remote, f=local: fs.get_file(r, str(f)), f"reading {url}")
+        return cls.from_pretrained(tmp, local_files_only=True)
 
 
 @torch.no_grad()

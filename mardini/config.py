@@ -86,8 +86,13 @@ class AutoencoderConfig(_Strict):
     # Latents are normalised as (z - shift) * scale before the diffusion models see them.
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
-    # A local directory written by diffusers' save_pretrained; never a hub id (no downloads).
+    # A directory written by diffusers' save_pretrained, local or any fsspec URL (``s3://``);
+    # never a hub id (no downloads from the hub at run time).
     path: str | None = None
+    # A KL autoencoder with no ``path`` starts random: the stages after it must load one trained
+    # by an earlier ``autoencoder`` stage (through ``init_from``), or say ``untrained: true`` to
+    # learn in the latent space of random weights on purpose (tests, benchmarks).
+    untrained: bool = False
 
 
 class HeadConfig(_Strict):
@@ -376,6 +381,27 @@ class CurriculumConfig(_Strict):
                         f"(earlier: {sorted(seen)}) nor a models:/name@alias URI"
                     )
             seen.add(stage.name)
+        return self
+
+    @model_validator(mode="after")
+    def _autoencoder_is_trained(self) -> CurriculumConfig:
+        autoencoder = self.model.autoencoder
+        if autoencoder.kind != "kl" or autoencoder.path or autoencoder.untrained:
+            return self
+        trained: set[str] = set()  # stages whose weights hold a trained autoencoder
+        for stage in self.stages:
+            if stage.kind == "autoencoder" or any(
+                s in trained or s.startswith("models:/") for s in stage.init_from
+            ):
+                trained.add(stage.name)
+                continue
+            raise ValueError(
+                f"stage {stage.name!r} would learn in the latent space of a random, untrained KL "
+                "autoencoder: add a stage of kind autoencoder before it and reach it through "
+                "init_from (directly or through an earlier stage), set model.autoencoder.path "
+                "to a trained one (a save_pretrained directory, local or s3://), or set "
+                "model.autoencoder.untrained: true to do so on purpose"
+            )
         return self
 
     @model_validator(mode="after")

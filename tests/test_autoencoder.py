@@ -58,6 +58,27 @@ def test_kl_autoencoder_loads_from_local_directory(small_kl_cfg, tmp_path):
         build_autoencoder(small_kl_cfg.model_copy(update={"path": str(tmp_path / "missing")}))
 
 
+def test_kl_autoencoder_loads_from_the_object_store(small_kl_cfg, s3_bucket, tmp_path):
+    """``autoencoder.path`` may be an ``s3://`` directory (here on moto): a PyTorchJob mounts
+    no local one."""
+    from mardini.storage import filesystem
+
+    torch.manual_seed(0)
+    ae = build_autoencoder(small_kl_cfg)
+    ae.vae.save_pretrained(tmp_path / "vae")
+    url = f"{s3_bucket}/autoencoders/small"
+    fs, path = filesystem(url)
+    for file in (tmp_path / "vae").iterdir():
+        fs.put_file(str(file), f"{path}/{file.name}")
+    loaded = build_autoencoder(small_kl_cfg.model_copy(update={"path": url}))
+    for key, value in ae.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    with pytest.raises(FileNotFoundError, match=f"{s3_bucket}/autoencoders/none.*no config.json"):
+        build_autoencoder(
+            small_kl_cfg.model_copy(update={"path": f"{s3_bucket}/autoencoders/none"})
+        )
+
+
 def test_mardini_trains_in_kl_latent_space(small_kl_cfg):
     """The whole model works over KL latents: latents shrink, the loss is finite and the
     sample still returns the reference frames exactly (in pixels)."""
@@ -73,3 +94,28 @@ def test_mardini_trains_in_kl_latent_space(small_kl_cfg):
     assert torch.isfinite(loss)
     out = model.eval().sample(video, mask, steps=2, generator=torch.Generator().manual_seed(0))
     assert torch.equal(out[mask], video[mask])
+
+
+def test_later_stages_load_the_autoencoder_stage_export_from_the_store(small_kl_cfg, s3_bucket):
+    """An ``autoencoder`` stage's export on S3 is what a later stage encodes with (through
+    ``init_from``), not the random weights its model starts from."""
+    from mardini.config import CurriculumConfig
+    from mardini.train.checkpoint import export_final, stage_autoencoder, stage_dir
+
+    cfg = CurriculumConfig.model_validate(
+        {
+            "name": "ae-chain",
+            "model": {"preset": "debug", "autoencoder": small_kl_cfg.model_dump()},
+            "stages": [
+                {"name": "vae", "kind": "autoencoder"},
+                {"name": "dm", "kind": "dm", "init_from": "vae"},
+            ],
+        }
+    )
+    torch.manual_seed(123)  # "trained": other weights than the seeded start
+    trained = build_model(cfg.model)
+    meta = {"stage": "vae", "kind": "autoencoder", "trained_parts": ["autoencoder"]}
+    export_final(trained.state_dict(), meta, stage_dir(s3_bucket, "ae-chain", "vae"))
+    loaded = stage_autoencoder(cfg, cfg.stage("dm"), s3_bucket)
+    for key, value in trained.autoencoder.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key

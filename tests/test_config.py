@@ -43,7 +43,12 @@ def test_paper_mirrors_the_published_recipe():
     last = cfg.stages[-1]
     assert last.kind == "joint" and last.frames == 17 and last.mask.keep == (0.06, 0.30)
     assert cfg.stage("joint-512-temporal").generator_attention == "temporal"
-    assert all(s.optimizer.lr == pytest.approx(1.4e-4) for s in cfg.stages)
+    assert all(s.optimizer.lr == pytest.approx(1.4e-4) for s in cfg.stages[1:])
+    # It trains its own autoencoder first (KL, 16 channels, 8x), and every stage reaches it.
+    assert cfg.stages[0].kind == "autoencoder" and cfg.model.autoencoder.kind == "kl"
+    assert cfg.model.autoencoder.latent_channels == 16 and cfg.model.autoencoder.path is None
+    assert len(cfg.model.autoencoder.block_out_channels) == 4  # 8x
+    assert cfg.stage("mar").init_from == cfg.stage("dm-4f").init_from == ["autoencoder"]
 
 
 def test_overrides_by_index_and_stage_name():
@@ -127,3 +132,26 @@ def test_init_from_must_name_an_earlier_stage(tmp_path):
         load_config(_write(tmp_path, raw))
     raw["stages"][0]["init_from"] = "models:/tiny@dm"
     assert load_config(_write(tmp_path, raw)).stages[0].init_from == ["models:/tiny@dm"]
+
+
+def test_a_stage_on_a_random_kl_autoencoder_is_refused_unless_said(tmp_path):
+    raw = _tiny_raw()
+    raw["model"]["autoencoder"] = {"kind": "kl", "latent_channels": 4, "block_out_channels": [8]}
+    with pytest.raises(
+        ConfigError, match="stage 'mar' would learn in the latent space of a random"
+    ):
+        load_config(_write(tmp_path, raw))
+    # Said explicitly, or a trained one given by path: accepted.
+    for key, value in (("untrained", True), ("path", "s3://bucket/vae")):
+        raw["model"]["autoencoder"][key] = value
+        load_config(_write(tmp_path, raw))
+        del raw["model"]["autoencoder"][key]
+    # An autoencoder stage first, reached by every later stage through init_from (here dm only
+    # directly; the joint stages through mar and dm once mar also starts from it).
+    raw["stages"].insert(0, {"name": "vae", "kind": "autoencoder"})
+    raw["stages"][2]["init_from"] = "vae"  # dm
+    with pytest.raises(ConfigError, match="stage 'mar' would learn"):
+        load_config(_write(tmp_path, raw))
+    raw["stages"][1]["init_from"] = "vae"  # mar
+    cfg = load_config(_write(tmp_path, raw))
+    assert [s.name for s in cfg.stages][:3] == ["vae", "mar", "dm"]

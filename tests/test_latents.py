@@ -27,7 +27,7 @@ from mardini.train.engine import latent_source
 from tests.conftest import CONFIGS
 
 # A KL autoencoder small enough for CPU: 4 channels, 2x downsampling (weights seeded).
-SMALL_KL = {"kind": "kl", "latent_channels": 4, "block_out_channels": [16, 32]}
+SMALL_KL = {"kind": "kl", "latent_channels": 4, "block_out_channels": [16, 32], "untrained": True}
 SPEC = ClipSpec(frames=4, resolution=32, fps=4.0)  # stride 2 over the 8 fps clips
 
 
