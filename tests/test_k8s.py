@@ -526,9 +526,12 @@ def test_job_shape_follows_the_launch_contract(paper, tiny) -> None:
         "mardini-s3",
         "mardini-mlflow",
     ]
-    (shm,) = pod["volumes"]
+    shm, scratch = pod["volumes"]
     assert shm["emptyDir"]["medium"] == "Memory" and shm["emptyDir"]["sizeLimit"]
-    assert container["volumeMounts"] == [{"name": shm["name"], "mountPath": "/dev/shm"}]
+    assert container["volumeMounts"] == [
+        {"name": shm["name"], "mountPath": "/dev/shm"},
+        {"name": scratch["name"], "mountPath": "/scratch"},
+    ]
     assert (
         pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == IMAGE_UID
     )
@@ -650,3 +653,257 @@ def test_dockerfile_pins_base_images_and_runs_the_contract_as_non_root() -> None
     ignored = (REPO / ".dockerignore").read_text().split()
     for pattern in (".git", ".venv", "**/*.env", "k8s"):
         assert pattern in ignored, f".dockerignore should exclude {pattern}"
+
+
+# ----------------------------------------------------------------------------- GPU cluster scheduling
+
+# Paths into a PyTorchJob dict: the Worker pod spec and its one container.
+POD = ("spec", "pytorchReplicaSpecs", "Worker", "template", "spec")
+CONTAINER = (*POD, "containers", 0)
+GPU_TAINT = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+
+def sdk_round_trip(job: dict[str, Any]) -> dict[str, Any]:
+    """``job`` read back through the kubeflow-training SDK's models, as ``TrainingClient`` reads
+    a job from the API: a field the models do not know is dropped, so the round trip differs."""
+    from kubeflow.training.api_client import ApiClient
+    from kubeflow.training.utils.utils import FakeResponse
+
+    client = ApiClient()
+    model = client.deserialize(FakeResponse(job), "KubeflowOrgV1PyTorchJob")
+    return client.sanitize_for_serialization(model)
+
+
+def leaves(node: Any, path: tuple = ()) -> dict[tuple, Any]:
+    """Every scalar of a nested document by its path (mapping keys and list indices)."""
+    if isinstance(node, dict):
+        return {p: v for k, sub in node.items() for p, v in leaves(sub, (*path, k)).items()}
+    if isinstance(node, list):
+        return {p: v for i, sub in enumerate(node) for p, v in leaves(sub, (*path, i)).items()}
+    return {path: node}
+
+
+def at(node: Any, path: tuple) -> Any:
+    """The part of a nested document at ``path``."""
+    for part in path:
+        node = node[part]
+    return node
+
+
+def checked_job(cfg, **settings: Any) -> dict[str, Any]:
+    """The stage's job as a dict, after the CRD schema, the SDK models and the pod policies
+    accepted it."""
+    job = to_dict(build_pytorchjob(cfg, "mar", **settings))
+    assert crd_errors(job) == []
+    assert sdk_round_trip(job) == job
+    assert pod_problems(job) == [] and secret_problems(job) == []
+    return job
+
+
+def test_job_schema_checks_can_fail(paper) -> None:
+    job = checked_job(paper, nnodes=2, gpus_per_node=8, gang_scheduler="volcano")
+    job["spec"]["runPolicy"]["schedulingPolicy"]["minAvaliable"] = 2
+    job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["nodeSelecter"] = {"a": "b"}
+    assert sdk_round_trip(job) != job
+    errors = "\n".join(crd_errors(job))
+    assert "'minAvaliable' was unexpected" in errors and "'nodeSelecter' was unexpected" in errors
+
+
+def test_default_job_has_scratch_and_no_scheduling_constraints(paper, tiny) -> None:
+    job = checked_job(paper, nnodes=2, gpus_per_node=8)
+    pod, container = at(job, POD), at(job, CONTAINER)
+    # Scratch disk for the checkpoint partitions on their way to the store: TMPDIR, an emptyDir
+    # of a bounded size, and the same amount requested (and limited) as ephemeral storage.
+    assert {"name": "TMPDIR", "value": "/scratch"} in container["env"]
+    assert {"name": "scratch", "mountPath": "/scratch"} in container["volumeMounts"]
+    assert {"name": "scratch", "emptyDir": {"sizeLimit": "50Gi"}} in pod["volumes"]
+    assert container["resources"]["requests"]["ephemeral-storage"] == "50Gi"
+    assert container["resources"]["limits"]["ephemeral-storage"] == "50Gi"
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}} in pod["volumes"]
+    # A plain cluster: any node, no queue, no gang; only the common GPU taint is tolerated.
+    assert "nodeSelector" not in pod and "priorityClassName" not in pod
+    assert pod["tolerations"] == [GPU_TAINT]
+    assert "schedulingPolicy" not in job["spec"]["runPolicy"]
+    assert not any(k.startswith("kueue.x-k8s.io/") for k in job["metadata"]["labels"])
+    cpu = at(checked_job(tiny, gpus_per_node=0), POD)
+    assert "tolerations" not in cpu and "nodeSelector" not in cpu
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        pytest.param(
+            {"scratch_size": "200Gi"},
+            {
+                (*CONTAINER, "resources", "requests", "ephemeral-storage"): "200Gi",
+                (*CONTAINER, "resources", "limits", "ephemeral-storage"): "200Gi",
+                (*POD, "volumes", 1): {"name": "scratch", "emptyDir": {"sizeLimit": "200Gi"}},
+            },
+            id="scratch",
+        ),
+        pytest.param(
+            {"node_selector": {"nvidia.com/gpu.present": "true", "pool": "a100"}},
+            {(*POD, "nodeSelector"): {"nvidia.com/gpu.present": "true", "pool": "a100"}},
+            id="node-selector",
+        ),
+        pytest.param(
+            {"tolerations": [{"key": "dedicated", "value": "training", "effect": "NoSchedule"}]},
+            {
+                (*POD, "tolerations"): [
+                    {"key": "dedicated", "operator": "Equal", "value": "training",
+                     "effect": "NoSchedule"},
+                    GPU_TAINT,
+                ]
+            },
+            id="tolerations",
+        ),
+        pytest.param(
+            {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoExecute",
+                              "tolerationSeconds": 300}]},
+            {
+                (*POD, "tolerations"): [
+                    {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoExecute",
+                     "tolerationSeconds": 300}
+                ]
+            },
+            id="gpu-toleration-replaced",
+        ),
+        pytest.param(
+            {"kueue_queue": "team-a"},
+            {("metadata", "labels", "kueue.x-k8s.io/queue-name"): "team-a"},
+            id="kueue",
+        ),
+        pytest.param(
+            {"gang_scheduler": "scheduler-plugins"},
+            {("spec", "runPolicy", "schedulingPolicy"): {"minAvailable": 2}},
+            id="scheduler-plugins",
+        ),
+        pytest.param(
+            {"gang_scheduler": "volcano", "gang_queue": "training", "priority_class": "high"},
+            {
+                ("spec", "runPolicy", "schedulingPolicy"): {
+                    "minAvailable": 2, "queue": "training", "priorityClass": "high"
+                },
+                (*POD, "priorityClassName"): "high",
+            },
+            id="volcano",
+        ),
+    ],
+)  # fmt: skip
+def test_each_gpu_cluster_setting_sets_exactly_its_fields(
+    paper, settings: dict[str, Any], expected: dict[tuple, Any]
+) -> None:
+    base = checked_job(paper, nnodes=2, gpus_per_node=8)
+    job = checked_job(paper, nnodes=2, gpus_per_node=8, **settings)
+    for path, value in expected.items():
+        assert at(job, path) == value, path
+    before, after = leaves(base), leaves(job)
+    changed = {p for p in before.keys() | after.keys() if before.get(p) != after.get(p)}
+    stray = {p for p in changed if not any(p[: len(prefix)] == prefix for prefix in expected)}
+    assert not stray, f"{settings} also changed {sorted(map(str, stray))}"
+
+
+def test_gpu_cluster_settings_come_from_the_environment(paper) -> None:
+    env = {
+        "MARDINI_K8S_SCRATCH_SIZE": "120Gi",
+        "MARDINI_K8S_NODE_SELECTOR": '{"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}',
+        "MARDINI_K8S_TOLERATIONS": '[{"key": "dedicated", "operator": "Equal", '
+        '"value": "training", "effect": "NoSchedule"}]',
+        "MARDINI_K8S_KUEUE_QUEUE": "gpu-queue",
+        "MARDINI_K8S_PRIORITY_CLASS": "training-high",
+        "MARDINI_K8S_GPUS_PER_NODE": "8",
+    }
+    job = checked_job(paper, launch=LaunchConfig.from_env(env))
+    pod = at(job, POD)
+    assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
+    assert pod["tolerations"] == [json.loads(env["MARDINI_K8S_TOLERATIONS"])[0], GPU_TAINT]
+    assert pod["priorityClassName"] == "training-high"
+    assert at(job, (*CONTAINER, "resources", "limits", "ephemeral-storage")) == "120Gi"
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert "schedulingPolicy" not in job["spec"]["runPolicy"]
+    # An empty variable clears a setting the base gave (an overlay turning Kueue off).
+    assert LaunchConfig.from_env({**env, "MARDINI_K8S_KUEUE_QUEUE": ""}).kueue_queue is None
+    # An argument wins over the environment.
+    lc = LaunchConfig.from_env(env, kueue_queue="other", scratch_size="10Gi")
+    assert (lc.kueue_queue, lc.scratch_size) == ("other", "10Gi")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_jobs_get_their_pool_and_scratch(overlay: str, paper) -> None:
+    data = named(render(overlay), "ConfigMap", "mardini-config")["data"]
+    job = checked_job(paper, launch=LaunchConfig.from_env(data))
+    pod, container = at(job, POD), at(job, CONTAINER)
+    scratch = container["resources"]["limits"]["ephemeral-storage"]
+    assert {"name": "scratch", "emptyDir": {"sizeLimit": scratch}} in pod["volumes"]
+    if overlay == "prod":
+        assert scratch == "100Gi"
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        assert pod["tolerations"] == [GPU_TAINT]  # the overlay's, not doubled by the default
+    else:
+        assert scratch == "5Gi"
+        assert "nodeSelector" not in pod and "tolerations" not in pod
+    # Neither overlay assumes Kueue or a gang scheduler: they are per cluster.
+    assert "schedulingPolicy" not in job["spec"]["runPolicy"]
+    assert "kueue.x-k8s.io/queue-name" not in job["metadata"]["labels"]
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"MARDINI_K8S_TOLERATIONS": "[{key: x}]"}, r"MARDINI_K8S_TOLERATIONS: not valid JSON"),
+        ({"MARDINI_K8S_TOLERATIONS": '{"key": "x"}'},
+         r"MARDINI_K8S_TOLERATIONS: Input should be a valid list"),
+        ({"MARDINI_K8S_TOLERATIONS": '[{"key": "nvidia.com/gpu", "operator": "Exist"}]'},
+         r"MARDINI_K8S_TOLERATIONS\[0\]\.operator: Input should be 'Exists' or 'Equal'"),
+        ({"MARDINI_K8S_TOLERATIONS": '[{"key": "x", "effect": "NoExecute", "tolerationSecond": 9}]'},
+         r"MARDINI_K8S_TOLERATIONS\[0\]\.tolerationSecond: Extra inputs are not permitted"),
+        ({"MARDINI_K8S_TOLERATIONS": '[{"key": "x", "effect": "NoSchedule", "tolerationSeconds": 9}]'},
+         r"MARDINI_K8S_TOLERATIONS\[0\]: tolerationSeconds needs effect NoExecute"),
+        ({"MARDINI_K8S_TOLERATIONS": '[{"value": "x"}]'},
+         r"MARDINI_K8S_TOLERATIONS\[0\]: a toleration without key must have operator Exists"),
+        ({"MARDINI_K8S_TOLERATIONS": '[{"key": "x", "operator": "Exists", "value": "y"}]'},
+         r"MARDINI_K8S_TOLERATIONS\[0\]: operator Exists takes no value"),
+        ({"MARDINI_K8S_NODE_SELECTOR": '{"nvidia.com/gpu.present": true}'},
+         r"MARDINI_K8S_NODE_SELECTOR\.nvidia\.com/gpu\.present: Input should be a valid string"),
+        ({"MARDINI_K8S_NODE_SELECTOR": '{"gpu pool": "a100"}'},
+         r"MARDINI_K8S_NODE_SELECTOR: 'gpu pool' is not a node label key"),
+        ({"MARDINI_K8S_NODE_SELECTOR": '{"Example.COM/pool": "a100"}'},
+         r"prefix 'Example\.COM' is not a DNS subdomain"),
+        ({"MARDINI_K8S_SCRATCH_SIZE": "100GB"},
+         r"MARDINI_K8S_SCRATCH_SIZE: '100GB' is not a Kubernetes quantity \(e\.g\. .*16Gi"),
+        ({"MARDINI_K8S_SCRATCH_SIZE": "0"}, r"MARDINI_K8S_SCRATCH_SIZE: '0' must be more than zero"),
+        ({"MARDINI_K8S_KUEUE_QUEUE": "Team_A"},
+         r"MARDINI_K8S_KUEUE_QUEUE: 'Team_A' is not a LocalQueue name"),
+        ({"MARDINI_K8S_GANG_SCHEDULER": "kueue"},
+         r"MARDINI_K8S_GANG_SCHEDULER: Input should be 'volcano' or 'scheduler-plugins'"),
+        ({"MARDINI_K8S_GANG_SCHEDULER": "volcano", "MARDINI_K8S_KUEUE_QUEUE": "q"},
+         r"kueue_queue \(MARDINI_K8S_KUEUE_QUEUE\) and gang_scheduler .* set the one"),
+        ({"MARDINI_K8S_GANG_QUEUE": "q"},
+         r"gang_queue \(MARDINI_K8S_GANG_QUEUE\) names a Volcano queue and needs "
+         r"MARDINI_K8S_GANG_SCHEDULER=volcano"),
+        ({"MARDINI_K8S_GANG_QUEUE": "q", "MARDINI_K8S_GANG_SCHEDULER": "scheduler-plugins"},
+         r"names a Volcano queue"),
+    ],
+)  # fmt: skip
+def test_bad_gpu_cluster_settings_say_which_and_what(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        LaunchConfig.from_env(env)
+
+
+def test_bad_gpu_cluster_arguments_name_the_argument(paper) -> None:
+    # From an argument, the error names the argument, even when the environment also sets it.
+    with pytest.raises(ValueError, match=r"\n  scratch_size: 'lots' is not a Kubernetes quantity"):
+        LaunchConfig.from_env({"MARDINI_K8S_SCRATCH_SIZE": "1Gi"}, scratch_size="lots")
+    with pytest.raises(ValueError, match=r"tolerations\[0\]\.effect: Input should be"):
+        build_pytorchjob(paper, "mar", tolerations=[{"key": "x", "effect": "NoScheduling"}])
+
+
+def test_docs_gpu_scheduling_examples_are_valid_settings(paper) -> None:
+    text = (REPO / "docs" / "kubernetes.md").read_text()
+    section = text[text.index("## 11. GPU cluster scheduling") :]
+    blocks = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    assert len(blocks) == 3, "node pools, Kueue, Volcano"
+    for block in blocks:
+        env = yaml.safe_load(block)
+        assert env and all(k.startswith("MARDINI_K8S_") for k in env), block
+        checked_job(paper, launch=LaunchConfig.from_env(env, gpus_per_node=8))

@@ -172,3 +172,14 @@ def test_a_finished_attempt_is_kept_and_the_next_one_created(cfg, ended):
     with pytest.raises(LaunchError, match="3 attempts .* finished") as err:
         run_pytorchjob(cfg, "mar", client=client, poll_s=0, max_attempts=3)
     assert "delete pytorchjob -l mardini.io/curriculum=paper,mardini.io/stage=mar" in str(err.value)
+
+
+def test_a_job_queued_by_kueue_is_reported_once_and_waited_on(cfg, caplog):
+    queued = _job(("Created", "True"), ("Suspended", "True"))
+    client = FakeTrainingClient(
+        [queued, queued, _job(("Running", "True")), _job(("Succeeded", "True"))]
+    )
+    with caplog.at_level("INFO"):
+        run_pytorchjob(cfg, "mar", client=client, poll_s=0)
+    assert caplog.text.count("is suspended (queued by Kueue?)") == 1
+    assert client.polls == 4 and client.deleted == []

@@ -23,6 +23,12 @@ quoting, and the image needs no shell at all. A variable the operator did not se
 (``$(PET_NNODES)``) and torchrun fails at once with a message naming it, instead of a shell
 silently expanding it to an empty string.
 
+What a GPU cluster needs comes from ``LaunchConfig`` (``MARDINI_K8S_*``): a scratch volume at
+``/scratch`` (``TMPDIR``, where checkpoint partitions wait for their upload) requested as
+``ephemeral-storage``; the node selector and tolerations of the GPU pool; and, for gang
+scheduling, either a Kueue ``LocalQueue`` (label ``kueue.x-k8s.io/queue-name``) or a
+``runPolicy.schedulingPolicy`` for the operator's gang scheduler (Volcano, scheduler-plugins).
+
 ``build_pytorchjob`` returns the kubeflow-training SDK model so the flow can hand it straight to
 ``TrainingClient.create_job``; ``to_yaml`` renders it for ``mardini k8s render-job`` and the docs.
 """
@@ -34,7 +40,7 @@ import re
 from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from kubeflow.training.models import (
@@ -43,6 +49,7 @@ from kubeflow.training.models import (
     KubeflowOrgV1PyTorchJobSpec,
     KubeflowOrgV1ReplicaSpec,
     KubeflowOrgV1RunPolicy,
+    KubeflowOrgV1SchedulingPolicy,
 )
 from kubernetes.client import (
     ApiClient,
@@ -65,7 +72,8 @@ from kubernetes.client import (
     V1Volume,
     V1VolumeMount,
 )
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from kubernetes.utils import parse_quantity
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mardini.config import CurriculumConfig
 from pipelines.launchers.contract import ELASTIC_ENV, contract_words
@@ -81,6 +89,14 @@ GPU_RESOURCE = "nvidia.com/gpu"
 IMAGE_UID = 10001
 LABEL_PREFIX = "mardini.io"
 ENV_PREFIX = "MARDINI_K8S_"
+# Where the scratch volume is mounted; TMPDIR points there, and every local file the trainer
+# writes (checkpoint partitions before upload, rank 0's export, the MLflow spool) is a tempfile.
+SCRATCH_PATH = "/scratch"
+# Kueue admits a job whose metadata carries this label through the named LocalQueue.
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# A label value, or the name part of a label key: 63 characters at most, alphanumeric at both ends.
+LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 # The repository root when running from a checkout; the image copies it to /workspace.
 CHECKOUT = Path(__file__).resolve().parents[2]
 
@@ -90,6 +106,51 @@ def _package_version() -> str:
         return version("mardini")
     except PackageNotFoundError:  # running from a source tree that is not installed
         return "0.0.0"
+
+
+def _setting(field: str) -> str:
+    """A LaunchConfig field with the variable that sets it, for error messages."""
+    return f"{field} ({ENV_PREFIX}{field.upper()})"
+
+
+def _label_key_problem(key: str) -> str | None:
+    """Why ``key`` is not a valid label key (``[prefix/]name``), or None if it is."""
+    prefix, _, name = key.rpartition("/")
+    if prefix and (len(prefix) > 253 or not DNS_SUBDOMAIN.fullmatch(prefix)):
+        return f"its prefix {prefix!r} is not a DNS subdomain (e.g. nvidia.com)"
+    if not LABEL_NAME.fullmatch(name):
+        return f"its name {name!r} is not 1-63 of [A-Za-z0-9_.-], alphanumeric at both ends"
+    return None
+
+
+class Toleration(BaseModel):
+    """A pod toleration as written in the overlay (camelCase JSON), checked as the API server
+    checks it, so a typo fails at ``render-job`` instead of at submission."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    # None with operator Exists: tolerate every taint.
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = None
+    # None: every effect of the matching taints.
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    # How long a pod stays on a node after a NoExecute taint appears; None: forever.
+    toleration_seconds: int | None = Field(None, alias="tolerationSeconds")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Toleration:
+        if self.key is None and self.operator != "Exists":
+            raise ValueError("a toleration without key must have operator Exists")
+        if self.key is not None and (problem := _label_key_problem(self.key)):
+            raise ValueError(f"key {self.key!r} is not a taint key: {problem}")
+        if self.operator == "Exists" and self.value:
+            raise ValueError(f"operator Exists takes no value (got {self.value!r}); use Equal")
+        if self.operator == "Equal" and self.value and not LABEL_NAME.fullmatch(self.value):
+            raise ValueError(f"value {self.value!r} is not a valid taint value")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds needs effect NoExecute")
+        return self
 
 
 class LaunchConfig(BaseModel):
@@ -111,6 +172,13 @@ class LaunchConfig(BaseModel):
     memory: str = "16Gi"
     # /dev/shm (DataLoader workers, NCCL) is tmpfs and counts against the memory limit above.
     shm_size: str = "2Gi"
+    # Local disk at /scratch (TMPDIR) for this pod's checkpoint partitions on their way to the
+    # store and rank 0's final export: an emptyDir of this size, and the pod's ephemeral-storage
+    # request and limit (which also cover its logs), so the scheduler places it on a node with
+    # that much disk and an overflow evicts this pod, not the node's other tenants. Size it to
+    # 12 bytes x trained parameters / nnodes (fp32 weights and Adam moments) + 4 bytes x
+    # parameters (the export), with room to spare.
+    scratch_size: str = "50Gi"
     # MARDINI_STORE for the job; None leaves it to ConfigMap mardini-config, the cluster's default.
     store: str | None = None
     # Short service name: the job runs in the namespace of the MLflow server (k8s/base).
@@ -120,9 +188,18 @@ class LaunchConfig(BaseModel):
     # Cluster-wide non-secret settings (S3 endpoint for MinIO, ...); None to leave it out.
     config_map: str | None = "mardini-config"
     service_account: str = "mardini-trainer"
+    # Node labels the pod must match (a GPU pool) and taints it tolerates; default: any node.
     node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    # Pod priority (PriorityClass), also the gang's priority under Kueue or a gang scheduler.
     priority_class: str | None = None
+    # Gang scheduling, so that no stage holds some GPUs while it waits for the rest: a Kueue
+    # LocalQueue admits the whole job or none of it; or the training operator, started with
+    # --gang-scheduler-name, makes a PodGroup from runPolicy.schedulingPolicy. One or neither.
+    kueue_queue: str | None = None
+    gang_scheduler: Literal["volcano", "scheduler-plugins"] | None = None
+    # The Volcano queue of the PodGroup (volcano only; None: Volcano's default queue).
+    gang_queue: str | None = None
     # Restarts of the worker group (all ranks, from the latest checkpoint) that torchrun makes
     # after a rank fails, inside the running pods (elasticPolicy.maxRestarts).
     max_restarts: int = Field(3, ge=0)
@@ -135,6 +212,51 @@ class LaunchConfig(BaseModel):
     master_port: int = Field(23456, ge=1, le=65535)
     # Time for torchrun to stop its workers and for an in-flight checkpoint upload to finish.
     termination_grace_seconds: int = Field(120, ge=0)
+
+    @field_validator("cpu", "memory", "shm_size", "scratch_size")
+    @classmethod
+    def _quantity(cls, text: str) -> str:
+        try:
+            amount = parse_quantity(text)
+        except ValueError:
+            raise ValueError(
+                f"{text!r} is not a Kubernetes quantity (e.g. 500m, 4, 16Gi, 1.5Ti)"
+            ) from None
+        if amount <= 0:
+            raise ValueError(f"{text!r} must be more than zero")
+        return text
+
+    @field_validator("node_selector")
+    @classmethod
+    def _labels(cls, selector: dict[str, str]) -> dict[str, str]:
+        for key, value in selector.items():
+            if problem := _label_key_problem(key):
+                raise ValueError(f"{key!r} is not a node label key: {problem}")
+            if value and not LABEL_NAME.fullmatch(value):
+                raise ValueError(f"{key}={value!r}: not a label value (63 of [A-Za-z0-9_.-])")
+        return selector
+
+    @field_validator("kueue_queue")
+    @classmethod
+    def _queue_name(cls, name: str | None) -> str | None:
+        if name is not None and not (LABEL_NAME.fullmatch(name) and DNS_SUBDOMAIN.fullmatch(name)):
+            raise ValueError(f"{name!r} is not a LocalQueue name (lower-case DNS name, 63 at most)")
+        return name
+
+    @model_validator(mode="after")
+    def _one_gang_scheduler(self) -> LaunchConfig:
+        if self.kueue_queue and self.gang_scheduler:
+            raise ValueError(
+                f"{_setting('kueue_queue')} and {_setting('gang_scheduler')} both schedule the "
+                "job as a gang: set the one your cluster runs"
+            )
+        if self.gang_queue and self.gang_scheduler != "volcano":
+            raise ValueError(
+                f"{_setting('gang_queue')} names a Volcano queue and needs "
+                f"{ENV_PREFIX}GANG_SCHEDULER=volcano; a Kueue LocalQueue is "
+                f"{ENV_PREFIX}KUEUE_QUEUE"
+            )
+        return self
 
     @model_validator(mode="after")
     def _store_known(self) -> LaunchConfig:
@@ -158,14 +280,23 @@ class LaunchConfig(BaseModel):
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> LaunchConfig:
-        """Defaults from ``MARDINI_K8S_<FIELD>`` variables (JSON for lists/maps), then overrides."""
+        """Defaults from ``MARDINI_K8S_<FIELD>`` variables (JSON for lists/maps), then overrides.
+
+        An empty variable leaves a setting whose default is None unset, so an overlay can clear
+        what a base sets."""
         values: dict[str, Any] = {}
+        names: dict[str, str] = {}
         for name, field in cls.model_fields.items():
             key = ENV_PREFIX + name.upper()
             if key not in environ:
                 continue
+            if overrides.get(name) is None:
+                names[name] = key
             raw = environ[key]
             origin = getattr(field.annotation, "__origin__", None)
+            if raw == "" and field.default is None:
+                values[name] = None
+                continue
             try:
                 values[name] = json.loads(raw) if origin in (list, dict) else raw
             except json.JSONDecodeError as err:
@@ -175,16 +306,21 @@ class LaunchConfig(BaseModel):
             return cls.model_validate(values)
         except ValidationError as err:
             raise ValueError(
-                f"invalid launch settings (from {ENV_PREFIX}* or arguments):{_explain(err)}"
+                f"invalid launch settings (from {ENV_PREFIX}* or arguments):{_explain(err, names)}"
             ) from None
 
 
-def _explain(err: ValidationError) -> str:
-    """One indented line per problem: ``field: message`` (no field for whole-model checks)."""
+def _explain(err: ValidationError, names: Mapping[str, str] | None = None) -> str:
+    """One indented line per problem: ``setting: message`` (no setting for whole-model checks);
+    ``names`` maps fields to what to call them (their environment variables)."""
     lines = []
     for e in err.errors():
-        where = ".".join(map(str, e["loc"]))
-        lines.append(f"{where}: {e['msg']}" if where else e["msg"])
+        field, *rest = e["loc"] or [""]
+        where = (names or {}).get(field, field) + "".join(
+            f"[{part}]" if isinstance(part, int) else f".{part}" for part in rest
+        )
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {msg}" if where else msg)
     return "\n  " + "\n  ".join(lines)
 
 
@@ -258,7 +394,8 @@ def build_pytorchjob(
 
     ``launch`` gives the defaults and keyword ``overrides`` (any LaunchConfig field: ``image``,
     ``namespace``, ``nnodes``, ``nproc_per_node``, ``gpus_per_node``, ``cpu``, ``memory``,
-    ``shm_size``, ``store``, ``secrets``, ...) replace them; an unknown keyword is an error.
+    ``shm_size``, ``scratch_size``, ``store``, ``secrets``, ``node_selector``, ``tolerations``,
+    ``kueue_queue``, ``gang_scheduler``, ...) replace them; an unknown keyword is an error.
     ``config_path`` is the config as the container sees it (relative to ``/workspace``);
     it defaults to ``cfg.source``.
     """
@@ -300,6 +437,16 @@ def build_pytorchjob(
         max_replicas=lc.nnodes,
         max_restarts=lc.max_restarts,
     )
+    job_meta_labels = dict(labels)
+    if lc.kueue_queue:
+        # On the job only: Kueue admits (unsuspends) the job as a whole, pods need no label.
+        job_meta_labels[KUEUE_QUEUE_LABEL] = lc.kueue_queue
+    scheduling = None
+    if lc.gang_scheduler:
+        # The operator's PodGroup: all Workers or none (elastic min = max = nnodes).
+        scheduling = KubeflowOrgV1SchedulingPolicy(
+            min_available=lc.nnodes, queue=lc.gang_queue, priority_class=lc.priority_class
+        )
 
     return KubeflowOrgV1PyTorchJob(
         api_version=API_VERSION,
@@ -307,7 +454,7 @@ def build_pytorchjob(
         metadata=V1ObjectMeta(
             name=name,
             namespace=lc.namespace,
-            labels=labels,
+            labels=job_meta_labels,
             annotations={f"{LABEL_PREFIX}/config": config_path},
         ),
         spec=KubeflowOrgV1PyTorchJobSpec(
@@ -320,14 +467,20 @@ def build_pytorchjob(
                 clean_pod_policy="None",
                 ttl_seconds_after_finished=lc.ttl_seconds_after_finished,
                 active_deadline_seconds=lc.active_deadline_seconds,
+                scheduling_policy=scheduling,
             ),
         ),
     )
 
 
 def _pod_spec(lc: LaunchConfig, command: list[str]) -> V1PodSpec:
-    """The pod every replica runs: non-root, GPUs by resource name, secrets as env, /dev/shm."""
-    env = [V1EnvVar(name="MLFLOW_TRACKING_URI", value=lc.tracking_uri)]
+    """The pod every replica runs: non-root, GPUs by resource name, secrets as env, /dev/shm,
+    scratch disk, and where the cluster lets it run."""
+    env = [
+        V1EnvVar(name="MLFLOW_TRACKING_URI", value=lc.tracking_uri),
+        # The trainer's local files are tempfiles: on the scratch volume, not the image's layer.
+        V1EnvVar(name="TMPDIR", value=SCRATCH_PATH),
+    ]
     if lc.store:
         env.insert(0, V1EnvVar(name="MARDINI_STORE", value=lc.store))
     if lc.gpus_per_node == 0:
@@ -349,10 +502,14 @@ def _pod_spec(lc: LaunchConfig, command: list[str]) -> V1PodSpec:
         # First, so the explicit `env` above and the Secrets win over cluster defaults.
         env_from.insert(0, V1EnvFromSource(config_map_ref=V1ConfigMapEnvSource(name=lc.config_map)))
 
-    amounts: dict[str, str] = {"cpu": lc.cpu, "memory": lc.memory}
+    amounts: dict[str, str] = {
+        "cpu": lc.cpu,
+        "memory": lc.memory,
+        "ephemeral-storage": lc.scratch_size,
+    }
     if lc.gpus_per_node:
         amounts[GPU_RESOURCE] = str(lc.gpus_per_node)
-    tolerations = [V1Toleration(**_snake(t)) for t in lc.tolerations]
+    tolerations = [V1Toleration(**t.model_dump()) for t in lc.tolerations]
     if lc.gpus_per_node and not any(t.key == GPU_RESOURCE for t in tolerations):
         # GPU node pools are commonly tainted nvidia.com/gpu:NoSchedule; harmless where not.
         tolerations.append(V1Toleration(key=GPU_RESOURCE, operator="Exists", effect="NoSchedule"))
@@ -366,7 +523,10 @@ def _pod_spec(lc: LaunchConfig, command: list[str]) -> V1PodSpec:
         env_from=env_from,
         ports=[V1ContainerPort(name=PORT_NAME, container_port=lc.master_port, protocol="TCP")],
         resources=V1ResourceRequirements(requests=dict(amounts), limits=dict(amounts)),
-        volume_mounts=[V1VolumeMount(name="dshm", mount_path="/dev/shm")],
+        volume_mounts=[
+            V1VolumeMount(name="dshm", mount_path="/dev/shm"),
+            V1VolumeMount(name="scratch", mount_path=SCRATCH_PATH),
+        ],
         security_context=V1SecurityContext(
             allow_privilege_escalation=False,
             privileged=False,
@@ -391,18 +551,15 @@ def _pod_spec(lc: LaunchConfig, command: list[str]) -> V1PodSpec:
             V1Volume(
                 name="dshm",
                 empty_dir=V1EmptyDirVolumeSource(medium="Memory", size_limit=lc.shm_size),
-            )
+            ),
+            # Node disk, removed with the pod: checkpoints are durable only in the store.
+            V1Volume(name="scratch", empty_dir=V1EmptyDirVolumeSource(size_limit=lc.scratch_size)),
         ],
         node_selector=lc.node_selector or None,
         tolerations=tolerations or None,
         priority_class_name=lc.priority_class,
         termination_grace_period_seconds=lc.termination_grace_seconds,
     )
-
-
-def _snake(obj: Mapping[str, Any]) -> dict[str, Any]:
-    """camelCase keys (as written in YAML or JSON) to the SDK's snake_case keyword names."""
-    return {re.sub(r"(?<!^)(?=[A-Z])", "_", k).lower(): v for k, v in obj.items()}
 
 
 def to_dict(job: KubeflowOrgV1PyTorchJob) -> dict[str, Any]:

@@ -176,6 +176,15 @@ def run_pytorchjob(
     try:
         while True:
             conditions = _conditions(client.get_job(name, namespace=namespace, job_kind=KIND))
+            if conditions.get("Suspended") == "True" and "suspended" not in told:
+                # Kueue (MARDINI_K8S_KUEUE_QUEUE) holds a job suspended, without pods, until
+                # its whole gang fits the queue's quota: that wait is not a problem.
+                told.add("suspended")
+                log.info(
+                    "%s %s/%s is suspended (queued by Kueue?): waiting for admission "
+                    "(kubectl -n %s get workloads)",
+                    KIND, namespace, name, namespace,
+                )  # fmt: skip
             if conditions.get("Succeeded") == "True":
                 finished = True
                 log.info("%s %s succeeded after %.0f s", KIND, name, time.monotonic() - start)
