@@ -162,7 +162,7 @@ def latents(
     ),
     override: list[str] = typer.Option([], "--override", "-o", help="Config key=value."),
     shards: str = typer.Option(
-        None, help="mp4 shard root (default: data.shards, else $MARDINI_STORE/shards/{dataset})."
+        None, help="mp4 shard root (default: the stage's dataset, as training reads it)."
     ),
     store: str = typer.Option(None, help="fsspec root (default $MARDINI_STORE or ./.mardini)."),
     dtype: str = typer.Option("float32", help="float32 (exact) or float16 (half the bytes)."),
@@ -186,7 +186,7 @@ def latents(
         cfg = load_config(config, override)
         st = cfg.stage(stage)
         root = store_root(store)
-        source = shards or shards_url(cfg, root)
+        source = shards or shards_url(cfg, root, st)
         autoencoder = stage_autoencoder(cfg, st, root)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         with _progress() as progress:

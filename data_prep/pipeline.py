@@ -54,12 +54,12 @@ from data_prep.shards import (
     read_json,
     write_json,
 )
+from mardini.data.shards import MANIFEST
 from mardini.storage import filesystem, join, store_root
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
-MANIFEST = "manifest.json"
 CONFIG_FILE = "prep_config.json"
 CHUNKS_DIR = "chunks"
 _PR_SET_PDEATHSIG = 1  # prctl(2) option, Linux

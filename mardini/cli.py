@@ -460,6 +460,7 @@ def eval_(
     from mardini.eval import check_gates, run_evaluation
     from mardini.storage import join, store_root
     from mardini.train.checkpoint import stage_dir
+    from mardini.train.engine import shards_url
 
     _set_threads(threads)
     settings = {
@@ -481,7 +482,7 @@ def eval_(
         cfg = load_config(config, override)
         st = cfg.stage(stage)
         gates = st.gates
-        data = data or cfg.data.shards or join(store_root(store), "shards", cfg.data.dataset)
+        data = data or shards_url(cfg, store_root(store), st)
         checkpoint = checkpoint or join(stage_dir(store_root(store), cfg.name, stage), "final")
         for key, value in {
             "frames": st.frames,

@@ -237,6 +237,9 @@ class DataConfig(_Strict):
     # change it only between stages (see mardini/data/loader.py).
     lanes: int = Field(8, ge=1)
     workers: int = Field(0, ge=0)
+    # Batches each worker keeps ready (DataLoader prefetch_factor). Waiting batches sit in
+    # /dev/shm: a stage refuses to start when its loaders' budget does not fit there.
+    prefetch: int = Field(2, ge=1)
     seed: int = 0
     # Train on latents precomputed by `mardini prep latents` (under {shards}/latents/) instead
     # of decoding mp4 clips and running the autoencoder every step; eval still reads mp4.
@@ -326,6 +329,10 @@ class StageConfig(_Strict):
     frames: int = Field(4, ge=2)
     resolution: int = Field(32, ge=8)
     fps: float = Field(8.0, gt=0)
+    # This stage's own dataset: a name under {store}/shards/ or an fsspec URL (it has a "/").
+    # None: the curriculum's (data.shards, else data.dataset). A stage refuses a dataset whose
+    # clips are smaller than its resolution, so stages at 512-1024 px name one cut at that size.
+    dataset: str | None = None
     mask: MaskConfig = Field(default_factory=MaskConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     # Overrides the model's generator attention for this stage (weights are shared).

@@ -86,7 +86,7 @@ def cache_stage_latents(cfg: CurriculumConfig, stage: str, store: str) -> str:
     st = cfg.stage(stage)
     autoencoder = stage_autoencoder(cfg, st, store)
     record = cache_latents(
-        shards_url(cfg, store),
+        shards_url(cfg, store, st),
         autoencoder,
         planner_downscale=cfg.model.planner_downscale,
         resolution=st.resolution,
@@ -191,8 +191,9 @@ def evaluate_stage(
 ) -> dict[str, Any]:
     """Evaluate exported weights on the held-out split; metrics go to the stage's MLflow run."""
     from mardini.eval import evaluate_final
+    from mardini.train.engine import shards_url
 
-    data = cfg.data.shards or join(store, "shards", cfg.data.dataset)
+    data = shards_url(cfg, store, cfg.stage(stage))
     return evaluate_final(
         final_url, cfg, stage, data=data, run_id=run_id, store=store, tracking_uri=uri
     )
@@ -600,7 +601,9 @@ def evaluate_checkpoint(
 
     store = store_root(store)
     cfg = load_config(config)
-    data = data or cfg.data.shards or join(store, "shards", cfg.data.dataset)
+    from mardini.train.engine import shards_url
+
+    data = data or shards_url(cfg, store, cfg.stage(stage))
     return evaluate_final(checkpoint, cfg, stage, data=data, run_id=None)
 
 

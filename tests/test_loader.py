@@ -14,7 +14,14 @@ import webdataset as wds
 import mardini.data.loader as loader_module
 from mardini.data import list_shards, train_batches, train_loader, val_batches, val_loader
 from mardini.data.clips import ClipSpec
-from mardini.data.loader import TrainClips
+from mardini.data.loader import (
+    FrameBatch,
+    SharedMemoryError,
+    TrainClips,
+    check_shm,
+    sample_bytes,
+    shm_bytes,
+)
 from mardini.data.shards import shard_samples
 from mardini.storage import filesystem, join
 from mardini.video import read_video, resize_center_crop, write_video
@@ -70,11 +77,17 @@ def _take(batches, n: int) -> list:
     return list(itertools.islice(batches, n))
 
 
-@pytest.mark.parametrize(("fps", "resolution"), [(4.0, 32), (8.0, 16)])
-def test_train_batches_match_direct_decoding(shards, tmp_path, fps, resolution):
+@pytest.mark.parametrize(
+    ("fps", "resolution", "workers"), [(4.0, 32, 0), (8.0, 16, 0), (8.0, 16, 2)]
+)
+def test_train_batches_match_direct_decoding(shards, tmp_path, fps, resolution, workers):
+    """Bit for bit what read_video (floats from the start) gives, resized or not, whether the
+    frames were decoded here or came from workers as uint8."""
     spec = {"frames": 4, "resolution": resolution, "fps": fps}
     stride = int(CLIP_FPS / fps)
-    batches = _take(train_batches(shards["root"], **spec, micro_batch=3, seed=0), 4)
+    batches = _take(
+        train_batches(shards["root"], **spec, micro_batch=3, seed=0, workers=workers), 4
+    )
     starts = []
     for keys, video, _ in batches:  # the third field: the lane state
         assert video.shape == (3, 4, 3, resolution, resolution) and video.dtype == torch.float32
@@ -149,9 +162,9 @@ def test_resume_yields_the_uninterrupted_batches(shards, workers):
 
 def test_resume_does_not_decode_skipped_samples(shards, monkeypatch):
     decoded: list[int] = []
-    real = loader_module.decode_clip
+    real = loader_module.decode_frames
     monkeypatch.setattr(
-        loader_module, "decode_clip", lambda *a, **kw: decoded.append(1) or real(*a, **kw)
+        loader_module, "decode_frames", lambda *a, **kw: decoded.append(1) or real(*a, **kw)
     )
     stream = train_batches(
         shards["root"], frames=4, resolution=32, fps=4.0, micro_batch=2, start_step=40
@@ -247,7 +260,7 @@ def test_resume_from_saved_lane_states_seeks_instead_of_reading(shards, workers)
         resumed = _take(iter(clips), 4)
         for step, batch in enumerate(resumed, start=k):
             assert batch.keys == reference[step].keys, f"step {step}"
-            assert torch.equal(batch.video, reference[step].video), f"step {step}"
+            assert torch.equal(batch.frames, reference[step].frames), f"step {step}"
         reads[k] = clips.samples_read
         replay = TrainClips(urls, spec, lanes=2, start_step=k, **args)
         _take(iter(replay), 4)
@@ -263,7 +276,7 @@ def test_resume_from_saved_lane_states_seeks_instead_of_reading(shards, workers)
     )  # fmt: skip
     for step, batch in enumerate(_take(loader, 4), start=60):
         assert batch.keys == reference[step].keys and torch.equal(
-            batch.video, reference[step].video
+            batch.video, reference[step].to_batch(32).video
         )
 
 
@@ -272,3 +285,54 @@ def test_a_shard_read_from_a_sample_on_skips_the_ones_before(shards):
     every = [s["__key__"] for s in shard_samples(url)]
     assert [s["__key__"] for s in shard_samples(url, start=4)] == every[4:]
     assert list(shard_samples(url, start=len(every))) == []
+
+
+def test_workers_hand_over_uint8_frames_at_the_clips_own_size(shards):
+    """What crosses the worker boundary is the stored frames (a quarter of float32's bytes);
+    the clips made from them in this process equal the ones decoded in the worker's place."""
+    urls = list_shards(shards["root"], "train")
+    spec = ClipSpec(frames=4, resolution=16, fps=8.0)
+    clips = TrainClips(urls, spec, micro_batch=2, seed=0, rank=0, world_size=1)
+    loader = torch.utils.data.DataLoader(
+        clips, batch_size=None, num_workers=1, multiprocessing_context="spawn"
+    )
+    from_worker = _take(iter(loader), 2)
+    for batch in from_worker:
+        assert isinstance(batch, FrameBatch)
+        assert batch.frames.dtype == torch.uint8
+        assert batch.frames.shape == (2, 4, 3, CLIP_SIZE, CLIP_SIZE)
+    streamed = _take(train_batches(shards["root"], frames=4, resolution=16, fps=8.0, micro_batch=2), 2)  # fmt: skip
+    for frames, batch in zip(from_worker, streamed, strict=True):
+        clip = frames.to_batch(16)
+        assert clip.keys == batch.keys and torch.equal(clip.video, batch.video)
+        assert clip.video.dtype == torch.float32 and clip.video.shape == (2, 4, 3, 16, 16)
+    # One sample as a worker hands it over: 4 frames x 3 x 32 x 32 bytes, whatever the stage size.
+    args = {"frames": 4, "resolution": 16, "fps": 8.0}
+    assert sample_bytes(shards["root"], "train", **args) == 4 * 3 * CLIP_SIZE**2
+
+
+def test_shm_budget_counts_every_rank_worker_and_prefetched_batch():
+    # paper.yaml's joint-1024 stage on an 8-GPU node: 17 frames of 1024 px, micro_batch 4,
+    # 8 workers, prefetch 2; each worker's 2 waiting batches plus the one the trainer holds.
+    clip = 17 * 3 * 1024 * 1024
+    paper = {"ranks": 8, "workers": 8, "prefetch": 2, "batch": 4}
+    assert shm_bytes(**paper, sample_bytes=clip) == 8 * 17 * 4 * clip  # uint8: 27.1 GiB
+    assert shm_bytes(**paper, sample_bytes=4 * clip) / 2**30 == pytest.approx(108.4, abs=0.1)
+    assert shm_bytes(**{**paper, "workers": 0}, sample_bytes=clip) == 0
+    assert shm_bytes(**{**paper, "prefetch": 1}, sample_bytes=clip) == 8 * 9 * 4 * clip
+
+
+def test_a_loader_budget_over_the_free_shared_memory_is_refused(tmp_path):
+    paper = {"ranks": 8, "workers": 8, "prefetch": 2, "batch": 4, "sample_bytes": 17 * 3 * 2**20}
+    with pytest.raises(SharedMemoryError) as err:
+        check_shm(**paper, free=16 * 2**30)
+    message = str(err.value)
+    for part in ("8 rank(s)", "8 workers", "prefetch 2", "micro_batch 4", "27.1 GiB", "16.00 GiB"):
+        assert part in message, message
+    assert "data.workers" in message and "data.prefetch" in message and "/dev/shm" in message
+    assert check_shm(**paper, free=64 * 2**30) == shm_bytes(**paper)
+    # Measured with statvfs on a real file system when no size is given.
+    assert check_shm(**{**paper, "sample_bytes": 1}, path=str(tmp_path)) == 8 * 17 * 4
+    with pytest.raises(SharedMemoryError, match=str(tmp_path)):
+        check_shm(**{**paper, "sample_bytes": 2**50}, path=str(tmp_path))
+    assert check_shm(**{**paper, "workers": 0}, free=0) == 0  # no workers, no shared memory

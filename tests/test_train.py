@@ -316,6 +316,22 @@ def test_training_from_cached_latents_takes_the_same_steps(tmp_path, train_shard
     assert _losses(f"sqlite:///{Path(store).resolve()}/mlflow.db", "dm") == uninterrupted
 
 
+def test_loader_workers_hand_over_uint8_and_the_steps_stay_the_same(
+    tmp_path, train_shards, uninterrupted
+):
+    """With DataLoader workers (uint8 frames across the process boundary, floats made by the
+    trainer) every loss equals the in-process loader's, bit for bit; each rank checked the
+    node's shared-memory budget before it built anything: 2 ranks x (2 workers x prefetch 1
+    + 1) x micro_batch 1 x 4 frames of 3 x 32 x 32 bytes."""
+    config = _config(tmp_path, train_shards, workers=2, prefetch=1)
+    store = str(tmp_path / "store")
+    result = _torchrun(config, "dm", store)
+    _ok(result)
+    budget = "2 rank(s) x (2 workers x prefetch 1 + 1) x micro_batch 1 x 0.0117 MiB a sample"
+    assert budget in result.stderr + result.stdout, result.stderr[-3000:]  # rank 0 logs
+    assert _losses(f"sqlite:///{Path(store).resolve()}/mlflow.db", "dm") == uninterrupted
+
+
 def test_checkpoints_and_final_on_s3(tmp_path, train_shards, s3_bucket):
     config = _config(tmp_path, train_shards)
     store = f"{s3_bucket}/mardini"

@@ -1,5 +1,9 @@
 """Turning one raw shard sample into a training clip ``T 3 H W`` in [-1, 1].
 
+In two steps, so that DataLoader workers hand over a quarter of the bytes: ``decode_frames``
+(in a worker) gives the clip's frames as stored, uint8; ``frames_to_video`` (in the process
+that trains) makes them floats in [-1, 1] at the stage resolution.
+
 A stage asks for ``frames`` frames at ``fps`` and ``resolution`` px; a shard clip holds
 ``json.frames`` frames at ``json.fps``. The stage fps must divide the clip fps (frames are
 taken every ``stride`` frames, never interpolated), and the window must fit in the clip.
@@ -89,8 +93,9 @@ def window_starts(info: ClipInfo, spec: ClipSpec) -> int:
     return info.frames - span + 1
 
 
-def decode_clip(sample: RawSample, spec: ClipSpec, start: int = 0) -> torch.Tensor:
-    """Decode ``spec.frames`` frames from clip frame ``start`` every ``stride`` frames; ``T 3 H W``."""
+def decode_frames(sample: RawSample, spec: ClipSpec, start: int = 0) -> torch.Tensor:
+    """Decode ``spec.frames`` frames from clip frame ``start`` every ``stride`` frames, as
+    stored: ``T 3 h w`` uint8 at the clip's own size (``frames_to_video`` makes them a clip)."""
     info = clip_info(sample)
     stride = frame_stride(info, spec)
     if not 0 <= start < window_starts(info, spec):
@@ -109,9 +114,21 @@ def decode_clip(sample: RawSample, spec: ClipSpec, start: int = 0) -> torch.Tens
             f"{info.where}: needed clip frames {wanted.start}..{wanted[-1]} step {stride}, "
             f"decoded {len(images)} of them (json says {info.frames} frames); re-run prep"
         )
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+
+
+def frames_to_video(frames: torch.Tensor, resolution: int) -> torch.Tensor:
+    """uint8 frames ``... 3 h w`` -> floats ``... 3 R R`` in [-1, 1], resized to ``resolution``
+    when their size differs; runs wherever ``frames`` is (a DataLoader's main process, a GPU)."""
+    *lead, c, h, w = frames.shape
     # Same arithmetic as mardini.video.read_video, so both give bit-identical tensors.
-    video_TCHW = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    h, w = video_TCHW.shape[-2:]
-    if (h, w) != (spec.resolution, spec.resolution):
-        video_TCHW = resize_center_crop(video_TCHW, spec.resolution)
-    return video_TCHW
+    video = frames.reshape(-1, c, h, w).float() / 127.5 - 1.0
+    if (h, w) != (resolution, resolution):
+        video = resize_center_crop(video, resolution)
+    return video.reshape(*lead, c, resolution, resolution)
+
+
+def decode_clip(sample: RawSample, spec: ClipSpec, start: int = 0) -> torch.Tensor:
+    """Decode ``spec.frames`` frames from clip frame ``start`` every ``stride`` frames;
+    ``T 3 H W`` in [-1, 1] at ``spec.resolution``."""
+    return frames_to_video(decode_frames(sample, spec, start), spec.resolution)

@@ -2,6 +2,13 @@
 
 Shapes: B batch, T frames, C = 3 channels, H = W = the stage resolution; values in [-1, 1].
 
+Across the worker boundary: DataLoader workers decode and hand over ``FrameBatch`` (uint8
+frames at the clips' own size, a quarter of the bytes of float32); the process that trains
+turns them into a ``Batch`` (floats in [-1, 1] at the stage resolution, on its device when it
+passes one), bit-identical to decoding there. A worker's batches wait in shared memory
+(``/dev/shm``) until taken: ``shm_bytes`` is the most they hold, and the trainer calls
+``check_shm`` before any rank starts a worker, refusing a budget that does not fit.
+
 Training stream: deterministic, endless, resumable
 --------------------------------------------------
 Each rank owns a fixed number of *lanes* (``lanes``, default 8), independent of the number of
@@ -46,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
 import random
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -53,13 +61,21 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mardini.data.clips import ClipSpec, RawSample, clip_info, decode_clip, window_starts
+from mardini.data.clips import (
+    ClipSpec,
+    RawSample,
+    clip_info,
+    decode_frames,
+    frames_to_video,
+    window_starts,
+)
 from mardini.data.latents import decode_latents, is_latent_sample
 from mardini.data.shards import list_shards, shard_samples
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LANES = 8
+SHM_PATH = "/dev/shm"
 
 
 class Batch(NamedTuple):
@@ -76,6 +92,23 @@ class Batch(NamedTuple):
         return self.video
 
 
+class SharedMemoryError(RuntimeError):
+    """The data loaders' batches in flight would not fit the node's shared memory."""
+
+
+class FrameBatch(NamedTuple):
+    """A batch as a DataLoader worker hands it over: the clips' frames as stored (uint8)."""
+
+    keys: list[str]
+    frames: torch.Tensor  # B T 3 h w uint8, h = w = the clips' own size
+    lane_state: tuple[int, dict] | None = None  # as in Batch
+
+    def to_batch(self, resolution: int, device: torch.device | None = None) -> Batch:
+        """The ``Batch`` of these frames: floats in [-1, 1] at ``resolution``, on ``device``."""
+        frames = self.frames if device is None else self.frames.to(device)
+        return Batch(self.keys, frames_to_video(frames, resolution), self.lane_state)
+
+
 class LatentBatch(NamedTuple):
     """A batch of cached latents (``mardini/data/latents.py``) and their shard keys."""
 
@@ -89,7 +122,9 @@ class LatentBatch(NamedTuple):
         return self.latents
 
 
-def make_batch(samples: list[RawSample], spec: ClipSpec, starts: list[int]) -> Batch | LatentBatch:
+def make_batch(
+    samples: list[RawSample], spec: ClipSpec, starts: list[int]
+) -> FrameBatch | LatentBatch:
     """Decode samples (mp4 or cached latents, not mixed) at the given window starts."""
     keys = [s["__key__"] for s in samples]
     kinds = {is_latent_sample(s) for s in samples}
@@ -99,7 +134,7 @@ def make_batch(samples: list[RawSample], spec: ClipSpec, starts: list[int]) -> B
     if kinds == {True}:
         his, los = zip(*(decode_latents(s, spec, i) for s, i in pairs), strict=True)
         return LatentBatch(keys, (torch.stack(his), torch.stack(los)))
-    return Batch(keys, torch.stack([decode_clip(s, spec, i) for s, i in pairs]))
+    return FrameBatch(keys, torch.stack([decode_frames(s, spec, i) for s, i in pairs]))
 
 
 def _worker() -> tuple[int, int]:
@@ -266,7 +301,7 @@ class TrainClips(IterableDataset):
         """Samples the lanes of the last iterator (in this process) read from shards."""
         return sum(lane.reads for lane in self.open_lanes.values())
 
-    def batch(self, step: int, samples: list[RawSample]) -> Batch | LatentBatch:
+    def batch(self, step: int, samples: list[RawSample]) -> FrameBatch | LatentBatch:
         """Decode one step's raw samples, each at a window seeded by (seed, rank, step, item)."""
         starts = [
             random.Random(f"{self._seed_key}/step={step}/item={item}").randrange(
@@ -276,7 +311,7 @@ class TrainClips(IterableDataset):
         ]
         return make_batch(samples, self.spec, starts)
 
-    def __iter__(self) -> Iterator[Batch | LatentBatch]:
+    def __iter__(self) -> Iterator[FrameBatch | LatentBatch]:
         worker, workers = _worker()
         lanes = self.open_lanes = {}
         for step in itertools.count(self.start_step + worker, workers):
@@ -313,7 +348,7 @@ class ValClips(IterableDataset):
         samples = itertools.chain.from_iterable(shard_samples(url) for url in self.shards)
         yield from itertools.islice(samples, reader, None, readers)
 
-    def __iter__(self) -> Iterator[Batch | LatentBatch]:
+    def __iter__(self) -> Iterator[FrameBatch | LatentBatch]:
         samples = self._samples()
         while chunk := list(itertools.islice(samples, self.batch)):
             yield make_batch(chunk, self.spec, [0] * len(chunk))
@@ -328,23 +363,89 @@ def _check_clips(url: str, spec: ClipSpec) -> None:
             decode_latents(first, spec)  # the cache's resolution is the stage's
 
 
-def _stream(dataset: IterableDataset, workers: int) -> Iterator[Batch | LatentBatch]:
+def sample_bytes(shards: str, split: str, *, frames: int, resolution: int, fps: float) -> int:
+    """Bytes one sample of ``{shards}/{split}`` takes as a worker hands it over (uint8 frames
+    at the clips' own size, or cached latents), measured on the split's first sample."""
+    spec = ClipSpec(frames=frames, resolution=resolution, fps=fps)
+    with contextlib.closing(shard_samples(list_shards(shards, split)[0])) as samples:
+        batch = make_batch([next(samples)], spec, [0])
+    tensors = batch.latents if isinstance(batch, LatentBatch) else (batch.frames,)
+    return sum(t.nbytes for t in tensors)
+
+
+def shm_bytes(*, ranks: int, workers: int, prefetch: int, batch: int, sample_bytes: int) -> int:
+    """The most shared memory the loaders of ``ranks`` processes on one node hold: each
+    worker keeps up to ``prefetch`` batches waiting, and the trainer holds the one it took."""
     if workers == 0:
-        return iter(dataset)
-    # batch_size=None: each worker already yields whole batches; in-order round-robin keeps
-    # the step order deterministic.
-    # spawn, not fork: a forked worker inherits the parent's threads and handlers (Prefect,
-    # MLflow, logging) and was seen to exit with code 1 at shutdown in the full test suite here,
-    # while passing alone. Workers only need the dataset's plain attributes, which pickle.
-    return iter(
-        DataLoader(
-            dataset,
-            batch_size=None,
-            num_workers=workers,
-            in_order=True,
-            multiprocessing_context="spawn",
-        )
+        return 0  # the main process decodes: nothing crosses a process boundary
+    return ranks * (workers * prefetch + 1) * batch * sample_bytes
+
+
+def check_shm(
+    *,
+    ranks: int,
+    workers: int,
+    prefetch: int,
+    batch: int,
+    sample_bytes: int,
+    path: str = SHM_PATH,
+    free: int | None = None,
+) -> int:
+    """Refuse loaders whose ``shm_bytes`` exceed the free space of ``path`` (``free``, when
+    given, stands for the measurement); returns the budget."""
+    needed = shm_bytes(
+        ranks=ranks, workers=workers, prefetch=prefetch, batch=batch, sample_bytes=sample_bytes
     )
+    if needed == 0:
+        return 0
+    if free is None:
+        if not os.path.isdir(path):
+            log.warning("no %s here: the loaders' %.2f GiB of shared memory are not checked", path, needed / 2**30)  # fmt: skip
+            return needed
+        stat = os.statvfs(path)
+        free = stat.f_bavail * stat.f_frsize
+    budget = (
+        f"{ranks} rank(s) x ({workers} workers x prefetch {prefetch} + 1) x micro_batch {batch} "
+        f"x {sample_bytes / 2**20:.3g} MiB a sample = {needed / 2**30:.3g} GiB"
+    )
+    if needed > free:
+        raise SharedMemoryError(
+            f"the data loaders need {budget} of shared memory, {path} has {free / 2**30:.2f} GiB "
+            "free: lower data.workers or data.prefetch (or the stage's micro_batch), or give "
+            f"the job a larger {path}"
+        )
+    log.info("data loaders: %s of shared memory, %s has %.2f GiB free", budget, path, free / 2**30)
+    return needed
+
+
+def _stream(
+    dataset: IterableDataset,
+    workers: int,
+    resolution: int,
+    prefetch: int = 2,
+    device: torch.device | None = None,
+) -> Iterator[Batch | LatentBatch]:
+    """The dataset's batches, read by ``workers`` processes; frames become clips here."""
+    if workers == 0:
+        batches = iter(dataset)
+    else:
+        # batch_size=None: each worker already yields whole batches; in-order round-robin
+        # keeps the step order deterministic.
+        # spawn, not fork: a forked worker inherits the parent's threads and handlers
+        # (Prefect, MLflow, logging) and was seen to exit with code 1 at shutdown in the full
+        # test suite here, while passing alone. Workers only need the dataset's plain
+        # attributes, which pickle.
+        batches = iter(
+            DataLoader(
+                dataset,
+                batch_size=None,
+                num_workers=workers,
+                prefetch_factor=prefetch,
+                in_order=True,
+                multiprocessing_context="spawn",
+            )
+        )
+    return (b.to_batch(resolution, device) if isinstance(b, FrameBatch) else b for b in batches)
 
 
 def train_batches(
@@ -363,11 +464,14 @@ def train_batches(
     lanes: int = DEFAULT_LANES,
     split: str = "train",
     lane_states: dict[int, dict] | None = None,
+    prefetch: int = 2,
+    device: torch.device | None = None,
 ) -> Iterator[Batch | LatentBatch]:
     """Endless ``Batch(keys, video_BTCHW)`` (``LatentBatch`` from a latent cache) of
     ``{shards}/{split}``, from step ``start_step``; ``lane_states`` (the ``lane_state`` of the
     last batch before ``start_step`` of each lane, as a checkpoint keeps them) make the resume
-    seek instead of reading through every sample before it."""
+    seek instead of reading through every sample before it. Workers hand over uint8 frames
+    (``prefetch`` batches each at most); clips are made from them here, on ``device``."""
     urls = list_shards(shards, split)
     spec = ClipSpec(frames=frames, resolution=resolution, fps=fps)
     _check_clips(urls[0], spec)
@@ -383,7 +487,7 @@ def train_batches(
         lanes=lanes,
         lane_states=lane_states,
     )
-    return _stream(dataset, workers)
+    return _stream(dataset, workers, resolution, prefetch, device)
 
 
 def train_loader(
@@ -402,6 +506,8 @@ def train_loader(
     lanes: int = DEFAULT_LANES,
     split: str = "train",
     lane_states: dict[int, dict] | None = None,
+    prefetch: int = 2,
+    device: torch.device | None = None,
 ) -> Iterator[torch.Tensor]:
     """Endless ``B T 3 H W`` training batches in [-1, 1] (``(hi, lo)`` latents from a latent
     cache), resumable at ``start_step``. ``lane_states`` restores the lanes (see
@@ -422,6 +528,8 @@ def train_loader(
         lanes=lanes,
         split=split,
         lane_states=lane_states,  # TrainClips keeps its own copy: updates below do not reach it
+        prefetch=prefetch,
+        device=device,
     )
     return _tracked(batches, lane_states)
 
@@ -454,7 +562,7 @@ def val_batches(
     spec = ClipSpec(frames=frames, resolution=resolution, fps=fps)
     _check_clips(urls[0], spec)
     dataset = ValClips(urls, spec, batch=batch, rank=rank, world_size=world_size)
-    return _stream(dataset, workers)
+    return _stream(dataset, workers, resolution)
 
 
 def val_loader(

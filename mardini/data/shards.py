@@ -8,6 +8,9 @@ decodes only the ones it hands to the model.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import logging
 import re
 import tarfile
@@ -21,6 +24,8 @@ from mardini.storage import filesystem, join
 log = logging.getLogger(__name__)
 
 SHARD_PATTERN = "shard-*.tar"
+# Written last by ``mardini prep shard`` beside the splits; ``config`` holds the prep settings.
+MANIFEST = "manifest.json"
 # s3fs reads ahead this much per request; shards are read front to back exactly once.
 _READ_BLOCK = 16 * 2**20
 
@@ -50,6 +55,37 @@ def list_shards(shards: str, split: str) -> list[str]:
     urls = [p if "://" not in url else fs.unstrip_protocol(p) for p in found]
     log.info("%d shards in %s", len(urls), url)
     return urls
+
+
+def read_manifest(shards: str) -> dict[str, Any] | None:
+    """A dataset's ``manifest.json`` (``mardini prep shard`` writes it last), or None."""
+    fs, path = filesystem(join(shards, MANIFEST))
+    try:
+        with fs.open(path, "rb") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        return None
+
+
+def clip_size(shards: str, split: str) -> tuple[int, str]:
+    """The side in px of a dataset's (square) clips, and where it was read: the manifest's
+    prep config when there is a manifest, else the first sample of ``split`` (its json
+    ``size``, else its video stream), as for shards written by hand."""
+    size = ((read_manifest(shards) or {}).get("config") or {}).get("size")
+    if size:
+        return int(size), join(shards, MANIFEST)
+    url = list_shards(shards, split)[0]
+    with contextlib.closing(shard_samples(url)) as samples:
+        first = next(samples)
+    where = f"{url}#{first['__key__']}"
+    size = json.loads(first.get("json") or b"{}").get("size")
+    if size:
+        return int(size), where
+    import av  # only shards without a size in their json need it
+
+    with av.open(io.BytesIO(first["mp4"])) as container:
+        stream = container.streams.video[0]
+        return min(stream.codec_context.width, stream.codec_context.height), where
 
 
 def shard_samples(url: str, start: int = 0) -> Iterator[RawSample]:

@@ -58,7 +58,7 @@ from mardini.eval.pictures import draw_grid, to_video
 from mardini.generate import load_model, sample_kind, save_video, stage_setting
 from mardini.masking import i2v_mask, interpolation_mask
 from mardini.models import MarDini
-from mardini.storage import join, store_root
+from mardini.storage import store_root
 
 log = logging.getLogger(__name__)
 
@@ -519,7 +519,9 @@ def evaluate_final(
     """Evaluate ``checkpoint`` as stage ``stage`` of ``cfg`` (its frames, resolution, fps, the
     curriculum's sampling settings and seed) on the held-out split; returns ``results()``."""
     st = cfg.stage(stage)
-    data = data or cfg.data.shards or join(store_root(store), "shards", cfg.data.dataset)
+    from mardini.train.engine import shards_url
+
+    data = data or shards_url(cfg, store_root(store), cfg.stage(stage))
     settings = {
         "frames": st.frames,
         "resolution": st.resolution,

@@ -180,9 +180,44 @@ def freeze_for(model: MarDini, kind: str) -> list[str]:
     return list(parts)
 
 
-def shards_url(cfg: CurriculumConfig, store: str) -> str:
-    """The dataset's mp4 shard root: ``data.shards``, else ``{store}/shards/{dataset}``."""
+def shards_url(cfg: CurriculumConfig, store: str, stage: StageConfig | None = None) -> str:
+    """The mp4 shard root a stage reads: its own ``dataset`` (a URL, or a name under
+    ``{store}/shards``), else ``data.shards``, else ``{store}/shards/{data.dataset}``."""
+    if stage is not None and stage.dataset:
+        return stage.dataset if "/" in stage.dataset else join(store, "shards", stage.dataset)
     return cfg.data.shards or join(store, "shards", cfg.data.dataset)
+
+
+class DatasetResolutionError(ValueError):
+    """A stage was pointed at clips smaller than it trains at (they would be upscaled)."""
+
+
+def check_resolution(cfg: CurriculumConfig, stage: StageConfig, store: str) -> int:
+    """The side of the stage's clips; raises, saying how to cut a dataset at the stage's
+    resolution, when they are smaller than it (larger ones are downscaled: fine)."""
+    from mardini.data.shards import clip_size, read_manifest
+
+    url = shards_url(cfg, store, stage)
+    size, where = clip_size(url, cfg.data.train_split)
+    if size >= stage.resolution:
+        return size
+    # The new cut keeps the clips' frame rate and length, which the stages were set up for.
+    prep = (read_manifest(url) or {}).get("config") or {}
+    keep = "".join(f" --{key} {prep[key]:g}" for key in ("fps", "frames") if key in prep)
+    out, _, name = url.rstrip("/").rpartition("/")
+    # videos -> videos-512, videos-256 -> videos-512; a stage already naming videos-512 gets
+    # it cut again.
+    base, _, suffix = name.rpartition("-")
+    new = f"{base if base and suffix.isdigit() else name}-{stage.resolution}"
+    again = " --overwrite" if new == name else ""
+    # A stage's dataset is a name under {store}/shards, or else a URL.
+    ref = new if out == join(store, "shards") else join(out, new)
+    raise DatasetResolutionError(
+        f"stage {stage.name!r} trains at {stage.resolution} px but its dataset {url} holds "
+        f"{size} px clips ({where}): they would be upscaled. Cut the videos at "
+        f"{stage.resolution} px with `mardini prep shard <videos> --size {stage.resolution}{keep} "
+        f"--out {out or '.'} --dataset {new}{again}`, then set stages.{stage.name}.dataset: {ref}"
+    )
 
 
 def latent_source(cfg: CurriculumConfig, stage: StageConfig, store: str, model: MarDini) -> str:
@@ -192,7 +227,7 @@ def latent_source(cfg: CurriculumConfig, stage: StageConfig, store: str, model: 
     from mardini.storage import filesystem
 
     key = fingerprint(model.autoencoder, cfg.model.planner_downscale)
-    url = cache_url(shards_url(cfg, store), stage.resolution, key)
+    url = cache_url(shards_url(cfg, store, stage), stage.resolution, key)
     fs, path = filesystem(join(url, CACHE_RECORD))
     if not fs.exists(path):
         source = f" --config {cfg.source}" if cfg.source else " --config <curriculum.yaml>"
@@ -213,14 +248,16 @@ def train_batches(
     start_step: int,
     source: str | None = None,
     lane_states: dict[int, dict] | None = None,
+    device: torch.device | None = None,
 ) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
     """Micro-batches for this rank from ``start_step`` on (one per micro-step): ``B T 3 H W``
-    video, or ``(hi, lo)`` latents when ``source`` is a latent cache. ``lane_states`` (from
-    the checkpoint resumed) makes the loader seek to ``start_step``, and holds the loader's
-    position after every micro-batch handed out (``mardini.data.loader.train_loader``)."""
+    video (made from the workers' uint8 frames on ``device``), or ``(hi, lo)`` latents when
+    ``source`` is a latent cache. ``lane_states`` (from the checkpoint resumed) makes the
+    loader seek to ``start_step``, and holds the loader's position after every micro-batch
+    handed out (``mardini.data.loader.train_loader``)."""
     from mardini.data import train_loader
 
-    url = source or shards_url(cfg, store)
+    url = source or shards_url(cfg, store, stage)
     loader = train_loader(
         url,
         split=cfg.data.train_split,
@@ -236,12 +273,40 @@ def train_batches(
         shuffle_buffer=cfg.data.shuffle_buffer,
         lanes=cfg.data.lanes,
         lane_states=None if cfg.data.overfit_batch else lane_states,
+        prefetch=cfg.data.prefetch,
+        device=device,
     )
     if cfg.data.overfit_batch:
         first = next(iter(loader))
         while True:
             yield first
     yield from loader
+
+
+def check_loader_memory(
+    cfg: CurriculumConfig, stage: StageConfig, store: str, source: str | None = None
+) -> int:
+    """Refuse to start when the loaders of this node's ranks would not fit its ``/dev/shm``;
+    returns their budget in bytes (``mardini.data.loader.check_shm``). Called before any rank
+    starts a loader, so the free space measured is what they will share."""
+    from mardini.data.loader import check_shm, sample_bytes
+
+    if cfg.data.workers == 0:
+        return 0
+    per_sample = sample_bytes(
+        source or shards_url(cfg, store, stage),
+        cfg.data.train_split,
+        frames=stage.frames,
+        resolution=stage.resolution,
+        fps=stage.fps,
+    )
+    return check_shm(
+        ranks=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),  # set by torchrun
+        workers=cfg.data.workers,
+        prefetch=cfg.data.prefetch,
+        batch=stage.micro_batch,
+        sample_bytes=per_sample,
+    )
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -288,6 +353,8 @@ def train_stage(
     rank, world, device = init_distributed()
     on_gpu = device.type == "cuda"
     url = stage_dir(store, cfg.name, stage.name)
+    # Before the model is built (minutes at scale): clips smaller than the stage are refused.
+    check_resolution(cfg, stage, store)
 
     # A stage that has a checkpoint resumes from it: every weight, frozen ones included, is in
     # there, so init_from exports are not read again (each rank would download them whole).
@@ -310,6 +377,8 @@ def train_stage(
     source = None
     if cfg.data.latents and stage.kind != "autoencoder":  # that stage needs pixels
         source = latent_source(cfg, stage, store, model)
+    # Before deepspeed.initialize (a collective): no rank has started its loader yet.
+    check_loader_memory(cfg, stage, store, source)
     params = [p for p in model.parameters() if p.requires_grad]
     opt_cfg = stage.optimizer
     optimizer = torch.optim.AdamW(
@@ -371,7 +440,7 @@ def train_stage(
     # by the loader and saved by the checkpoint manager with every checkpoint.
     lane_states = {int(k): v for k, v in ckpt.rank_state.get("loader", {}).items()}
     ckpt.rank_state = {"loader": lane_states}
-    batches = train_batches(cfg, stage, store, rank, world, start_step, source, lane_states)
+    batches = train_batches(cfg, stage, store, rank, world, start_step, source, lane_states, device)
     try:
         losses = _loop(
             engine, scheduler, cfg, stage, batches, rank, world, device, start_step, ckpt,

@@ -146,4 +146,4 @@ def evaluate_held_out(
         samples=0,
     )
     meta = {"kind": stage.kind, "stage": stage.name}
-    return evaluate(model, meta, shards_url(cfg, store), settings).metrics
+    return evaluate(model, meta, shards_url(cfg, store, stage), settings).metrics
