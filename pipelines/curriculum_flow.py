@@ -187,16 +187,59 @@ def train_stage(
 
 @task(name="evaluate-stage", cache_policy=NO_CACHE)
 def evaluate_stage(
-    cfg: CurriculumConfig, stage: str, final_url: str, store: str, run_id: str | None, uri: str
+    cfg: CurriculumConfig,
+    stage: str,
+    final_url: str,
+    store: str,
+    run_id: str | None,
+    uri: str,
+    launcher: str = "local",
+    config_path: str | None = None,
+    image: str | None = None,
+    timeout_s: float | None = None,
 ) -> dict[str, Any]:
-    """Evaluate exported weights on the held-out split; metrics go to the stage's MLflow run."""
-    from mardini.eval import evaluate_final
+    """Evaluate the stage's export on the held-out split where the GPUs are, not in this
+    process: a Kubernetes Job from the training image (``kubeflow``), or a subprocess running
+    the same command (``local``). It logs to the stage's MLflow run and writes ``eval.json`` to
+    the store, which is read back here. An evaluation with the same export, settings and data
+    finished before is not run again."""
+    from mardini.eval.evaluate import stage_eval_settings
+    from mardini.eval.job import eval_dir, eval_key, read_results
     from mardini.train.engine import shards_url
+    from pipelines.launchers import eval_job
 
     data = shards_url(cfg, store, cfg.stage(stage))
-    return evaluate_final(
-        final_url, cfg, stage, data=data, run_id=run_id, store=store, tracking_uri=uri
+    meta = read_final_meta(final_url) or {}
+    out = eval_dir(
+        stage_dir(store, cfg.name, stage), eval_key(meta, stage_eval_settings(cfg, stage), data)
     )
+    results = read_results(out)
+    if results is not None:
+        get_run_logger().info("stage %s: evaluated before, results at %s", stage, out)
+        return results
+    if launcher == "local":
+        command = eval_job.eval_command(
+            config_path or str(cfg.source), stage, final_url, out, data, run_id
+        )
+        env = {"MARDINI_STORE": store, "MLFLOW_TRACKING_URI": uri}
+        eval_job.run_eval_local(command, env, timeout_s)
+    elif launcher == "kubeflow":
+        from pipelines.launchers.kubeflow import LaunchConfig, image_config_path
+
+        command = eval_job.eval_command(
+            image_config_path(str(cfg.source)), stage, final_url, out, data, run_id
+        )
+        launch = LaunchConfig.from_env(os.environ, **({"image": image} if image else {}))
+        job = eval_job.build_eval_job(cfg, stage, command, out.rsplit("/", 1)[1], run_id, launch)
+        eval_job.run_eval_job(job, timeout_s=timeout_s)
+    else:
+        raise ValueError(f"unknown launcher {launcher!r}; use 'local' or 'kubeflow'")
+    results = read_results(out)
+    if results is None:
+        raise RuntimeError(
+            f"stage {stage!r}: the evaluation succeeded but {out} holds no eval.json"
+        )
+    return results
 
 
 # Held-out metrics every version is tagged with when its evaluation has them (plus its gates').
@@ -359,7 +402,8 @@ def train_curriculum(
                 client.log_metric(parent_id, f"{stage.name}.train_seconds", meta["train_seconds"])
                 run_id = meta.get("mlflow_run_id")
                 emit(StageEvent(stage.name, "evaluate"))
-                metrics = evaluate_stage(cfg, stage.name, meta["final_url"], store, run_id, uri)
+                metrics = evaluate_stage(cfg, stage.name, meta["final_url"], store, run_id, uri,
+                                         launcher, config_path, image, timeout_s)  # fmt: skip
                 version = register_candidate(
                     cfg, stage.name, meta["final_url"], run_id, uri, metrics
                 )

@@ -230,6 +230,11 @@ def test_failed_gate_stops_the_flow_and_a_rerun_resumes(tmp_path, train_shards, 
     assert len(list(shards.glob("latents/32px-*/train/shard-*.tar"))) == 2
     dm_export = Path(store) / "runs" / "flow-gate" / "dm" / "final" / "config.json"
     exported_at = dm_export.stat().st_mtime_ns
+    # The evaluation ran as its own process and left its results and samples in the store.
+    (dm_eval,) = (Path(store) / "runs" / "flow-gate" / "dm" / "eval").glob("*/eval.json")
+    assert json.loads(dm_eval.read_text())["results"]["heldout_loss"] > 1e-9
+    assert {p.name for p in (dm_eval.parent / "samples").iterdir()} >= {"interp.gif"}
+    evaluated_at = dm_eval.stat().st_mtime_ns
     promoted = train_curriculum(
         config=config, store=store, overrides=["stages.dm.gates.0.max=10", "data.latents=true"]
     )
@@ -237,8 +242,10 @@ def test_failed_gate_stops_the_flow_and_a_rerun_resumes(tmp_path, train_shards, 
     runs = _stage_runs(mlflow_uri, "flow-gate")
     assert len(runs["mar"]) == 1  # the rerun skipped the promoted stage
     assert len(runs["dm"]) == 1  # ... and dm's run is the one that trained it
-    # Only a gate changed: dm's complete export was evaluated again, no job launched to redo it.
+    # Only a gate changed: no job launched to retrain dm or to evaluate it again; the new gate
+    # was applied to the results of the first evaluation.
     assert dm_export.stat().st_mtime_ns == exported_at
+    assert dm_eval.stat().st_mtime_ns == evaluated_at
 
 
 def test_a_crashing_rank_fails_the_flow_with_its_log_tail(

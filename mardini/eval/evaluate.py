@@ -518,11 +518,19 @@ def evaluate_final(
 ) -> dict[str, float | str]:
     """Evaluate ``checkpoint`` as stage ``stage`` of ``cfg`` (its frames, resolution, fps, the
     curriculum's sampling settings and seed) on the held-out split; returns ``results()``."""
-    st = cfg.stage(stage)
     from mardini.train.engine import shards_url
 
     data = data or shards_url(cfg, store_root(store), cfg.stage(stage))
-    settings = {
+    settings = {**stage_eval_settings(cfg, stage), **overrides}
+    result = run_evaluation(checkpoint, data, out_dir, tracking_uri, mlflow_log, run_id, **settings)
+    return result.results()
+
+
+def stage_eval_settings(cfg: CurriculumConfig, stage: str) -> dict[str, Any]:
+    """How stage ``stage`` of ``cfg`` is evaluated: its frames, resolution and fps, the
+    curriculum's held-out split, sampling settings and seed."""
+    st = cfg.stage(stage)
+    return {
         "frames": st.frames,
         "resolution": st.resolution,
         "fps": st.fps,
@@ -531,7 +539,4 @@ def evaluate_final(
         "solver": cfg.sample.solver,
         "cfg_scale": cfg.sample.cfg_scale,
         "seed": cfg.seed,
-        **overrides,
     }
-    result = run_evaluation(checkpoint, data, out_dir, tracking_uri, mlflow_log, run_id, **settings)
-    return result.results()

@@ -1,0 +1,117 @@
+"""A stage's evaluation as a job: the Kubernetes Job spec field by field (validated strictly
+against Kubernetes' own schema), its wait loop against a stand-in API (no cluster here), and
+the local subprocess path's errors. The local path end to end runs in test_curriculum_flow."""
+
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+import kubernetes_validate
+import pytest
+from kubernetes.client import ApiClient
+from kubernetes.client.exceptions import ApiException
+
+from mardini.config import load_config
+from pipelines.launchers.eval_job import (
+    build_eval_job,
+    eval_command,
+    eval_job_name,
+    run_eval_job,
+    run_eval_local,
+)
+from pipelines.launchers.kubeflow import KUEUE_QUEUE_LABEL, LaunchConfig
+from pipelines.launchers.local import LaunchError
+from tests.conftest import CONFIGS
+
+K8S_VERSION = "1.33"
+KEY = "0123456789abcdef"
+
+
+def _job(**launch):
+    cfg = load_config(CONFIGS / "paper.yaml")
+    command = eval_command("configs/paper.yaml", "joint-512", "s3://b/runs/paper/joint-512/final",
+                           f"s3://b/runs/paper/joint-512/eval/{KEY}", "s3://b/shards/videos", "r1")  # fmt: skip
+    lc = LaunchConfig(store="s3://b", **launch)
+    return ApiClient().sanitize_for_serialization(
+        build_eval_job(cfg, "joint-512", command, KEY, "r1", lc)
+    )
+
+
+def test_the_eval_job_is_a_valid_kubernetes_job_on_one_gpu():
+    job = _job(gpus_per_node=8, kueue_queue="research")
+    kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+    assert job["metadata"]["name"] == "paper-joint-512-eval-01234567"
+    assert job["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "research"
+    assert job["metadata"]["labels"]["app.kubernetes.io/component"] == "evaluation"
+    pod = job["spec"]["template"]["spec"]
+    assert KUEUE_QUEUE_LABEL not in job["spec"]["template"]["metadata"]["labels"]
+    assert pod["restartPolicy"] == "Never"
+    (container,) = pod["containers"]
+    assert container["command"][:3] == ["python", "-m", "mardini.eval.job"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"  # one, not the node's 8
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["MARDINI_STORE"] == "s3://b" and env["TMPDIR"] == "/scratch"
+    # On CPU it asks for no GPU at all.
+    cpu = _job()["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert "nvidia.com/gpu" not in cpu
+
+
+def test_eval_job_names_are_dns_labels_keyed_by_the_evaluation():
+    name = eval_job_name("a-very-long-curriculum-name" * 3, "joint-512-temporal", KEY)
+    assert len(name) <= 63 and name.endswith("-eval-01234567")
+    assert eval_job_name("c", "s", KEY) != eval_job_name("c", "s", "f" * 16)
+
+
+class _Apis:
+    """The two Kubernetes API objects the wait loop uses, answering from a script."""
+
+    def __init__(self, statuses, exists=False):
+        self.statuses, self.exists, self.created = list(statuses), exists, []
+        self.batch, self.core = self, self
+
+    def create_namespaced_job(self, namespace, job):
+        if self.exists:
+            raise ApiException(status=409, reason="AlreadyExists")
+        self.created.append(job)
+
+    def read_namespaced_job(self, name, namespace):
+        succeeded, condition = self.statuses.pop(0)
+        conditions = [SimpleNamespace(type=condition, status="True")] if condition else []
+        return SimpleNamespace(status=SimpleNamespace(succeeded=succeeded, conditions=conditions))
+
+    def list_namespaced_pod(self, namespace, label_selector):
+        assert label_selector.startswith("job-name=")
+        return SimpleNamespace(items=[SimpleNamespace(metadata=SimpleNamespace(name="pod-1"))])
+
+    def read_namespaced_pod_log(self, name, namespace):
+        return "loading\nCUDA out of memory\n"
+
+
+def _kube_job():
+    cfg = load_config(CONFIGS / "tiny.yaml")
+    return build_eval_job(cfg, "dm", ["python"], KEY, None, LaunchConfig(store="s3://b"))
+
+
+def test_the_wait_loop_creates_reattaches_and_reports_failures():
+    apis = _Apis([(None, None), (1, "Complete")])
+    run_eval_job(_kube_job(), poll_s=0, apis=(apis, apis))
+    assert len(apis.created) == 1
+    again = _Apis([(1, None)], exists=True)  # a rerun finds it: waits on it, creates nothing
+    run_eval_job(_kube_job(), poll_s=0, apis=(again, again))
+    assert again.created == []
+    failed = _Apis([(None, None), (None, "Failed")])
+    with pytest.raises(LaunchError, match="failed") as err:
+        run_eval_job(_kube_job(), poll_s=0, apis=(failed, failed))
+    assert "[pod-1] CUDA out of memory" in str(err.value)
+    slow = _Apis([(None, None)] * 100)
+    with pytest.raises(LaunchError, match="timed out .*a rerun reattaches"):
+        run_eval_job(_kube_job(), timeout_s=0, poll_s=0, apis=(slow, slow))
+
+
+def test_a_failing_local_evaluation_names_its_command_and_shows_its_last_lines(tmp_path):
+    command = ["python", "-m", "mardini.eval.job", "--config", str(tmp_path / "none.yaml"),
+               "--stage", "dm", "--export", "x", "--out", str(tmp_path / "out"), "--data", "y"]  # fmt: skip
+    with pytest.raises(LaunchError, match=r"evaluation failed \(exit 1\)") as err:
+        run_eval_local(command, {}, timeout_s=300)
+    assert sys.executable in str(err.value) and "config file not found" in str(err.value)
