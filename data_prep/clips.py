@@ -111,10 +111,13 @@ def split_of(name: str, val_fraction: float, synthetic: bool = False) -> str:
 
 
 def sample_key(inp: InputFile, index: int) -> str:
-    """WebDataset key for clip ``index`` of ``inp``: readable stem + URL hash, no dots."""
+    """WebDataset key for clip ``index`` of ``inp``: readable stem + name hash, no dots.
+
+    The hash is of the input's name (unique within a run, see ``list_inputs``), not its absolute
+    URL, so keys do not depend on where the videos lie."""
     stem = os.path.splitext(os.path.basename(inp.name))[0]
     stem = re.sub(r"[^A-Za-z0-9_-]+", "-", stem).strip("-")[:40] or "video"
-    return f"{stem}-{hashlib.sha1(inp.url.encode()).hexdigest()[:10]}-{index:04d}"
+    return f"{stem}-{hashlib.sha1(inp.name.encode()).hexdigest()[:10]}-{index:04d}"
 
 
 def encode_clip(

@@ -56,6 +56,19 @@ def _glob_root(path: str) -> str:
     return head
 
 
+def _unique_names(inputs: list[InputFile]) -> list[InputFile]:
+    """Names order the inputs and key their clips (``plan_chunks``, ``sample_key``), so they
+    must be unique: two different files found under the same relative name (``a/x.mp4`` and
+    ``b/x.mp4`` given as two directories) are told apart by their URLs instead."""
+    counts: dict[str, int] = {}
+    for inp in inputs:
+        counts[inp.name] = counts.get(inp.name, 0) + 1
+    return [
+        inp if counts[inp.name] == 1 else InputFile(url=inp.url, name=inp.url, size=inp.size)
+        for inp in inputs
+    ]
+
+
 def list_inputs(
     specs: Sequence[str], extensions: Iterable[str] = VIDEO_EXTENSIONS
 ) -> list[InputFile]:
@@ -99,6 +112,6 @@ def list_inputs(
             # The same file reached through two specs keeps one (deterministic) name.
             if item.url not in found or item.name < found[item.url].name:
                 found[item.url] = item
-    inputs = sorted(found.values())
+    inputs = _unique_names(sorted(found.values()))
     log.info("%d input files from %d specs", len(inputs), len(specs))
     return inputs

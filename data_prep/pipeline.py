@@ -8,10 +8,11 @@ Layout under the dataset URL (``{out}/{dataset}``)::
     manifest.json                 every input with its status, all shards, counts; written last
 
 Idempotence and resumption: inputs are sorted and cut into chunks at content-defined
-boundaries (a boundary follows an input whose URL hash is 0 modulo ``chunk_inputs``), so adding
-or removing a video changes one chunk, not every chunk after it. A chunk's key hashes the config
-fingerprint with its inputs' URLs and sizes, and names its shards, so a rerun computes the same
-shard names. A chunk is done when its marker exists; the marker is written only after all its
+boundaries (a boundary follows an input whose name hash is 0 modulo ``chunk_inputs``), so adding
+or removing a video changes one chunk, not every chunk after it. Order and boundaries follow the
+inputs' relative names, not their absolute URLs, so the same videos make the same shards (and the
+same training order) wherever the folder lies. A chunk's key hashes the config fingerprint with
+its inputs' URLs, names and sizes, and names its shards, so a rerun computes the same shard names. A chunk is done when its marker exists; the marker is written only after all its
 shards are published, and shards are published whole (see ``shards.py``). A killed run thus
 leaves complete shards and markers only; the rerun skips marked chunks and redoes the others,
 overwriting any shard of an unmarked chunk with identical bytes. The manifest is written last;
@@ -95,18 +96,20 @@ def _hash_int(text: str) -> int:
 
 
 def plan_chunks(inputs: Sequence[InputFile], cfg: PrepConfig) -> list[Chunk]:
-    """Cut sorted inputs into chunks at content-defined boundaries; keys are content hashes."""
+    """Cut inputs, sorted by name, into chunks at content-defined boundaries; keys are content
+    hashes. Only the inputs' names (relative to where they were found) decide the order and the
+    boundaries: the absolute path of a clone or a mount point must not change the data."""
     fingerprint = cfg.fingerprint()
     limit = _MAX_CHUNK_FACTOR * cfg.chunk_inputs
     groups: list[list[InputFile]] = [[]]
-    for inp in sorted(inputs):
+    for inp in sorted(inputs, key=lambda i: (i.name, i.url)):
         groups[-1].append(inp)
-        if _hash_int(inp.url) % cfg.chunk_inputs == 0 or len(groups[-1]) >= limit:
+        if _hash_int(inp.name) % cfg.chunk_inputs == 0 or len(groups[-1]) >= limit:
             groups.append([])
     chunks = []
     for group in groups:
         if group:
-            text = "\n".join([fingerprint, *(f"{i.url}\t{i.size}" for i in group)])
+            text = "\n".join([fingerprint, *(f"{i.url}\t{i.name}\t{i.size}" for i in group)])
             key = hashlib.sha256(text.encode()).hexdigest()[:12]
             chunks.append(Chunk(key=key, inputs=tuple(group)))
     return chunks

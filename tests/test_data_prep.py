@@ -30,7 +30,7 @@ from data_prep import (
     split_of,
 )
 from data_prep.cli import app
-from data_prep.clips import split_score
+from data_prep.clips import sample_key, split_score
 from data_prep.pipeline import _results
 from mardini.storage import filesystem, join
 
@@ -297,6 +297,29 @@ def test_chunks_are_content_defined_and_stable():
     assert not {c.key for c in plan_chunks(files, _cfg(chunk_inputs=4, crf=30))} & {
         c.key for c in chunks
     }
+
+
+def test_data_does_not_depend_on_where_the_videos_lie(tmp_path):
+    """Two clones of one project in different folders cut the same chunks, in the same order,
+    with the same clip keys: only the inputs' relative names decide (the demo's training order
+    and so its numbers used to depend on the clone's absolute path)."""
+    cfg = _cfg(chunk_inputs=4)
+    names = [f"{i:04d}.mp4" for i in range(60)]
+    here = [InputFile(f"/home/a/project/videos/{n}", n, 1000 + i) for i, n in enumerate(names)]
+    there = [InputFile(f"/tmp/xyz-clone/videos/{n}", n, 1000 + i) for i, n in enumerate(names)]
+    cut_here, cut_there = plan_chunks(here, cfg), plan_chunks(there, cfg)
+    assert [[i.name for i in c.inputs] for c in cut_here] == [
+        [i.name for i in c.inputs] for c in cut_there
+    ]
+    assert len(cut_here) > 3  # there are boundaries to get wrong
+    assert [sample_key(i, 0) for i in here] == [sample_key(i, 0) for i in there]
+    # Different videos that share a relative name are told apart (keys must stay unique).
+    for root in ("a", "b"):
+        (tmp_path / root).mkdir()
+        (tmp_path / root / "clip.mp4").write_bytes(root.encode())
+    found = list_inputs([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert len({i.name for i in found}) == 2
+    assert len({sample_key(i, 0) for i in found}) == 2
 
 
 # ----------------------------------------------------------------------------- reruns
