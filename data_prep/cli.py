@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from rich.table import Table
 
 from data_prep.config import PrepError, load_prep_config
 from data_prep.pipeline import MANIFEST, shard_videos
-from data_prep.shards import read_json
+from data_prep.shards import read_json, write_json
 from mardini.storage import join
 
 app = typer.Typer(
@@ -168,11 +169,22 @@ def latents(
     dtype: str = typer.Option("float32", help="float32 (exact) or float16 (half the bytes)."),
     device: str = typer.Option(None, help="Where to encode (default: cuda if present, else cpu)."),
     overwrite: bool = typer.Option(False, help="Replace a cache written with another dtype."),
+    split: list[str] = typer.Option(["train", "val"], "--split", help="Splits to cache."),
+    parts: int = typer.Option(1, min=1, help="Split the work into this many parts (pods)."),
+    index: int = typer.Option(
+        None,
+        help="This part's index (default $JOB_COMPLETION_INDEX, set in a Kubernetes Indexed "
+        "Job's pods, else 0).",
+    ),
+    record_to: str = typer.Option(
+        None, "--record-to", help="Also write the finished cache's latents.json here (a URL)."
+    ),
 ) -> None:
     """Cache the autoencoder latents (both resolutions) of every clip, beside the mp4 shards.
 
     Then set data.latents: true and the stage trains from {shards}/latents/ without decoding
-    or encoding a frame.
+    or encoding a frame. With --parts N, N processes (an Indexed Job's pods) each encode every
+    N-th shard; whichever finishes last writes latents.json. Rerun to resume.
     """
     import torch
 
@@ -206,19 +218,39 @@ def latents(
                 autoencoder,
                 planner_downscale=cfg.model.planner_downscale,
                 resolution=st.resolution,
+                splits=tuple(split),
                 dtype=dtype,
                 device=device,
                 overwrite=overwrite,
                 on_plan=on_plan,
                 on_shard=on_shard,
+                part=(_part_index(index), parts),
             )
     except (PrepError, ConfigError, FileNotFoundError, ValueError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
+    if not record["complete"]:
+        console.print(f"part {_part_index(index)} of {parts} done; the last part writes "
+                      f"{record['url']}/latents.json")  # fmt: skip
+        return
+    if record_to:
+        write_json(record_to, record)
     for split, info in record["splits"].items():
         console.print(f"  {split}: {info['clips']} clips in {len(info['shards'])} shards")
     console.print(f"latents: {record['url']} (autoencoder {record['fingerprint'][:12]})")
     console.print("train from them with: -o data.latents=true")
+
+
+def _part_index(index: int | None) -> int:
+    """``--index``, else the pod's index in a Kubernetes Indexed Job, else 0."""
+    if index is not None:
+        return index
+    value = os.environ.get("JOB_COMPLETION_INDEX", "0")
+    if not value.isdigit():
+        raise typer.BadParameter(
+            f"JOB_COMPLETION_INDEX={value!r} is not an index", param_hint="--index"
+        )
+    return int(value)
 
 
 @app.command()

@@ -10,6 +10,13 @@ Resumable and idempotent: a latent shard is staged locally and published in one 
 existing one is skipped (mp4 shard names are content keys, so a name means one content).
 ``latents.json`` is written last; latent shards whose mp4 shard is gone are then deleted.
 A cache of another dtype at the same place is refused unless ``overwrite``.
+
+In parts (``part=(i, n)``, the pods of an Indexed Job): part ``i`` encodes the shards at
+positions ``i, i + n, ...`` of the sorted list and records them in ``parts/{i}-of-{n}.json``
+(after publishing them). Every part then checks whether every shard is recorded; the one that
+finds them all writes ``latents.json``. Each part writes before it checks, so the last part to
+check sees every record: some part always finishes the cache, and two that both do write the
+same record.
 """
 
 from __future__ import annotations
@@ -46,6 +53,9 @@ from mardini.storage import filesystem, join
 log = logging.getLogger(__name__)
 
 ShardCallback = Callable[[str, int, bool], None]  # (shard URL, clips, skipped)
+
+# Under a cache: one record per part of an Indexed Job (``{index}-of-{parts}.json``).
+PARTS_DIR = "parts"
 
 
 def _split_shards(shards: str, split: str) -> list[str]:
@@ -111,10 +121,16 @@ def cache_latents(
     overwrite: bool = False,
     on_plan: Callable[[int], None] | None = None,
     on_shard: ShardCallback | None = None,
+    part: tuple[int, int] = (0, 1),
 ) -> dict[str, Any]:
-    """Cache the latents of every clip of ``{shards}/{split}``; returns the ``latents.json``."""
+    """Cache the latents of every clip of ``{shards}/{split}`` (of this ``part``'s share of the
+    shards); returns the ``latents.json`` record, with ``complete`` false when other parts are
+    still missing."""
     if dtype not in DTYPES:
         raise PrepError(f"latent dtype {dtype!r}: use one of {DTYPES}")
+    index, parts = part
+    if not 0 <= index < parts:
+        raise PrepError(f"latent cache part {index} of {parts}: the index must be in [0, {parts})")
     device = torch.device(device)
     autoencoder = autoencoder.to(device).eval()
     key = fingerprint(autoencoder, planner_downscale)
@@ -123,7 +139,7 @@ def cache_latents(
     old = read_json(record_url)
     fs, root = filesystem(url)
     if old is not None and old.get("dtype") != dtype:
-        if not overwrite:
+        if not overwrite or parts > 1:  # parts must not delete each other's work
             raise PrepError(
                 f"{url} holds {old.get('dtype')} latents, asked for {dtype}: pass the same dtype, "
                 "or --overwrite to delete that cache first"
@@ -135,8 +151,13 @@ def cache_latents(
         raise PrepError(
             f"no mp4 shards under {shards}/{{{','.join(splits)}}}: run `mardini prep shard` first"
         )
+    mine = {
+        src
+        for position, src in enumerate(sorted(src for v in plan.values() for src in v))
+        if position % parts == index
+    }
     if on_plan is not None:
-        on_plan(sum(len(v) for v in plan.values()))
+        on_plan(len(mine))
     record: dict[str, Any] = {
         "source": shards,
         "url": url,
@@ -147,24 +168,45 @@ def cache_latents(
         "dtype": dtype,
         "splits": {},
     }
+    counted = _counts(url, old)
+    written: dict[str, list[dict[str, Any]]] = {}
     for split, sources in plan.items():
-        done = {
-            s["name"]: s for s in (old or {}).get("splits", {}).get(split, {}).get("shards", [])
-        }
-        entries = []
+        done = counted.get(split, {})
         for src in sources:
+            if src not in mine:
+                continue
             name = posixpath.basename(src)
             dst = join(url, split, name)
             skipped = fs.exists(filesystem(dst)[1])
             if skipped:
-                clips = done[name]["clips"] if name in done else _count(dst)
+                clips = done[name] if name in done else _count(dst)
             else:
                 clips = encode_shard(
                     src, dst, autoencoder, planner_downscale, resolution, dtype, device
                 )
-            entries.append({"name": name, "clips": clips})
+            written.setdefault(split, []).append({"name": name, "clips": clips})
             if on_shard is not None:
                 on_shard(src, clips, skipped)
+    if parts > 1:
+        write_json(join(url, PARTS_DIR, f"{index}-of-{parts}.json"), {"splits": written})
+        counted = _counts(url, old)
+    for split, entries in written.items():
+        counted.setdefault(split, {}).update({e["name"]: e["clips"] for e in entries})
+    missing = [
+        src
+        for split, sources in plan.items()
+        for src in sources
+        if posixpath.basename(src) not in counted.get(split, {})
+    ]
+    if missing:  # other parts' shards: the last part to finish writes the record
+        log.info("latent cache part %d of %d done; %d shards left to other parts",
+                 index, parts, len(missing))  # fmt: skip
+        return {**record, "complete": False}
+    for split, sources in plan.items():
+        entries = [
+            {"name": posixpath.basename(s), "clips": counted[split][posixpath.basename(s)]}
+            for s in sources
+        ]
         record["splits"][split] = {
             "shards": entries,
             "clips": sum(e["clips"] for e in entries),
@@ -172,7 +214,23 @@ def cache_latents(
         _remove_stale(url, split, {e["name"] for e in entries})
     record["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     write_json(record_url, record)
-    return record
+    return {**record, "complete": True}
+
+
+def _counts(url: str, old: dict[str, Any] | None) -> dict[str, dict[str, int]]:
+    """Clip counts per split and shard name that the cache records: ``latents.json`` (an earlier
+    run) and the part records (this run's Job), which only ever list published shards."""
+    counted: dict[str, dict[str, int]] = {}
+    records = [old or {}]
+    fs, path = filesystem(join(url, PARTS_DIR))
+    fs.invalidate_cache(path)  # other processes (the Job's other pods) write here
+    blobs = fs.cat(fs.glob(join(path, "*.json")), on_error="omit") if fs.exists(path) else {}
+    records += [json.loads(blob) for blob in blobs.values()]
+    for rec in records:
+        for split, info in (rec.get("splits") or {}).items():
+            shards = info.get("shards", []) if isinstance(info, dict) else info
+            counted.setdefault(split, {}).update({s["name"]: s["clips"] for s in shards})
+    return counted
 
 
 def _count(url: str) -> int:

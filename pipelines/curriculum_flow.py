@@ -25,6 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import Pause
 from prefect.runtime import deployment, flow_run
 
+from data_prep.shards import read_json
 from mardini.config import CurriculumConfig, ModelConfig, StageConfig, load_config
 from mardini.progress import StageEvent, emit
 from mardini.storage import join, store_root
@@ -73,25 +74,65 @@ def resolve_config(config: str, overrides: list[str], store: str) -> tuple[Curri
 
 
 @task(name="cache-latents", cache_policy=NO_CACHE, retries=1)
-def cache_stage_latents(cfg: CurriculumConfig, stage: str, store: str) -> str:
-    """Write (or resume) the latent cache a ``data.latents`` stage trains from; returns its URL.
-
-    Runs where the flow runs (the Prefect worker), on its GPU if it has one; for a large
-    dataset on a cluster, run ``mardini prep latents`` as a GPU job first and this finds it done.
-    """
-    from data_prep.latents import cache_latents
-    from mardini.train.checkpoint import stage_autoencoder
+def cache_stage_latents(
+    cfg: CurriculumConfig,
+    stage: str,
+    store: str,
+    launcher: str = "local",
+    config_path: str | None = None,
+    image: str | None = None,
+    timeout_s: float | None = None,
+) -> str:
+    """Write (or resume) the latent cache a ``data.latents`` stage trains from, where the GPUs
+    are, not in this process: an Indexed Kubernetes Job (``kubeflow``; ``MARDINI_K8S_LATENT_PARTS``
+    pods, default 8), or a subprocess running the same command (``local``). Returns the cache's
+    URL, read back from the record the job leaves; a cache finished before is not run again."""
     from mardini.train.engine import shards_url
+    from pipelines.launchers import batch_job, latents_job
 
     st = cfg.stage(stage)
-    autoencoder = stage_autoencoder(cfg, st, store)
-    record = cache_latents(
-        shards_url(cfg, store, st),
-        autoencoder,
-        planner_downscale=cfg.model.planner_downscale,
-        resolution=st.resolution,
-        splits=(cfg.data.train_split,),
-    )
+    shards = shards_url(cfg, store, st)
+    splits = (cfg.data.train_split,)
+    sources = [
+        source
+        if source.startswith("models:/")
+        else [
+            source,
+            (read_final_meta(join(stage_dir(store, cfg.name, source), "final")) or {}).get(
+                "weights_sha256"
+            ),
+        ]  # fmt: skip
+        for source in st.init_from
+    ]
+    key = latents_job.latents_key(cfg, stage, shards, splits, sources)
+    record_to = join(stage_dir(store, cfg.name, stage), "latents", f"{key}.json")
+    # A models:/ alias may move to other weights under the same key: run again (resuming).
+    record = None if any(isinstance(s, str) for s in sources) else read_json(record_to)
+    if record is not None:
+        get_run_logger().info("stage %s: latents cached before, at %s", stage, record["url"])
+        return record["url"]
+    if launcher == "local":
+        command = latents_job.latents_command(
+            config_path or str(cfg.source), stage, shards, splits, 1, record_to
+        )
+        batch_job.run_local(command, {"MARDINI_STORE": store}, timeout_s, what="latent cache")
+    elif launcher == "kubeflow":
+        from pipelines.launchers.kubeflow import LaunchConfig, image_config_path
+
+        launch = LaunchConfig.from_env(os.environ, **({"image": image} if image else {}))
+        parts = launch.latent_parts
+        command = latents_job.latents_command(
+            image_config_path(str(cfg.source)), stage, shards, splits, parts, record_to
+        )
+        job = latents_job.build_latents_job(cfg, stage, command, key, parts, launch)
+        batch_job.run_job(job, timeout_s=timeout_s, what="latent cache")
+    else:
+        raise ValueError(f"unknown launcher {launcher!r}; use 'local' or 'kubeflow'")
+    record = read_json(record_to)
+    if record is None:
+        raise RuntimeError(
+            f"stage {stage!r}: the latent cache job succeeded but left no record at {record_to}"
+        )
     return record["url"]
 
 
@@ -206,7 +247,7 @@ def evaluate_stage(
     from mardini.eval.evaluate import stage_eval_settings
     from mardini.eval.job import eval_dir, eval_key, read_results
     from mardini.train.engine import shards_url
-    from pipelines.launchers import eval_job
+    from pipelines.launchers import batch_job, eval_job
 
     data = shards_url(cfg, store, cfg.stage(stage))
     meta = read_final_meta(final_url) or {}
@@ -222,7 +263,7 @@ def evaluate_stage(
             config_path or str(cfg.source), stage, final_url, out, data, run_id
         )
         env = {"MARDINI_STORE": store, "MLFLOW_TRACKING_URI": uri}
-        eval_job.run_eval_local(command, env, timeout_s)
+        batch_job.run_local(command, env, timeout_s, what="evaluation")
     elif launcher == "kubeflow":
         from pipelines.launchers.kubeflow import LaunchConfig, image_config_path
 
@@ -231,7 +272,7 @@ def evaluate_stage(
         )
         launch = LaunchConfig.from_env(os.environ, **({"image": image} if image else {}))
         job = eval_job.build_eval_job(cfg, stage, command, out.rsplit("/", 1)[1], run_id, launch)
-        eval_job.run_eval_job(job, timeout_s=timeout_s)
+        batch_job.run_job(job, timeout_s=timeout_s, what="evaluation")
     else:
         raise ValueError(f"unknown launcher {launcher!r}; use 'local' or 'kubeflow'")
     results = read_results(out)
@@ -382,7 +423,9 @@ def train_curriculum(
                 summary.append(_summary_row(stage.name, version, "passed", _tag_metrics(tags)))
             else:
                 if cfg.data.latents and stage.kind != "autoencoder":
-                    url = cache_stage_latents(cfg, stage.name, store)
+                    url = cache_stage_latents(
+                        cfg, stage.name, store, launcher, config_path, image, timeout_s
+                    )
                     logger.info("stage %s: latents cached at %s", stage.name, url)
                 logger.info("stage %s: training (%s launcher)", stage.name, launcher)
                 emit(StageEvent(stage.name, "train", step=0, total=stage.steps))

@@ -228,6 +228,10 @@ def test_failed_gate_stops_the_flow_and_a_rerun_resumes(tmp_path, train_shards, 
     ).exists()  # never launched
 
     assert len(list(shards.glob("latents/32px-*/train/shard-*.tar"))) == 2
+    # The cache was written by its own process (the local form of the Indexed Job), which left
+    # its record where the flow looks first on a rerun.
+    (dm_latents,) = (Path(store) / "runs" / "flow-gate" / "dm" / "latents").glob("*.json")
+    assert "/latents/32px-" in json.loads(dm_latents.read_text())["url"]
     dm_export = Path(store) / "runs" / "flow-gate" / "dm" / "final" / "config.json"
     exported_at = dm_export.stat().st_mtime_ns
     # The evaluation ran as its own process and left its results and samples in the store.

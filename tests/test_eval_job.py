@@ -1,6 +1,7 @@
-"""A stage's evaluation as a job: the Kubernetes Job spec field by field (validated strictly
-against Kubernetes' own schema), its wait loop against a stand-in API (no cluster here), and
-the local subprocess path's errors. The local path end to end runs in test_curriculum_flow."""
+"""A stage's evaluation and its latent cache as jobs: the Kubernetes Job specs field by field
+(validated strictly against Kubernetes' own schema), the wait loop against a stand-in API (no
+cluster here), and the local subprocess path's errors. The local paths end to end run in
+test_curriculum_flow (and the parts of a latent cache in test_latents)."""
 
 from __future__ import annotations
 
@@ -13,14 +14,10 @@ from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
 from mardini.config import load_config
-from pipelines.launchers.eval_job import (
-    build_eval_job,
-    eval_command,
-    eval_job_name,
-    run_eval_job,
-    run_eval_local,
-)
+from pipelines.launchers.batch_job import run_job, run_local
+from pipelines.launchers.eval_job import build_eval_job, eval_command, eval_job_name
 from pipelines.launchers.kubeflow import KUEUE_QUEUE_LABEL, LaunchConfig
+from pipelines.launchers.latents_job import build_latents_job, latents_command, latents_key
 from pipelines.launchers.local import LaunchError
 from tests.conftest import CONFIGS
 
@@ -55,6 +52,36 @@ def test_the_eval_job_is_a_valid_kubernetes_job_on_one_gpu():
     # On CPU it asks for no GPU at all.
     cpu = _job()["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert "nvidia.com/gpu" not in cpu
+
+
+def test_the_latent_cache_is_an_indexed_job_of_one_gpu_pods():
+    cfg = load_config(CONFIGS / "paper.yaml")
+    shards = "s3://b/shards/videos-512"
+    sources = [["autoencoder", "ab" * 32]]
+    key = latents_key(cfg, "joint-512", shards, ("train",), sources)
+    command = latents_command("configs/paper.yaml", "joint-512", shards, ("train",), 8,
+                              f"s3://b/runs/paper/joint-512/latents/{key}.json")  # fmt: skip
+    lc = LaunchConfig(store="s3://b", gpus_per_node=8, kueue_queue="research", cpu="88",
+                      memory="900Gi", shm_size="64Gi")  # fmt: skip
+    job = ApiClient().sanitize_for_serialization(
+        build_latents_job(cfg, "joint-512", command, key, 8, lc)
+    )
+    kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+    assert job["metadata"]["name"] == f"paper-joint-512-latents-{key[:8]}"
+    assert job["metadata"]["labels"]["app.kubernetes.io/component"] == "latent-cache"
+    assert job["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "research"
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 8, 8)
+    (container,) = spec["template"]["spec"]["containers"]
+    assert container["command"][:4] == ["python", "-m", "data_prep", "latents"]
+    assert container["command"][container["command"].index("--parts") + 1] == "8"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    # An eighth of a training node each: eight parts fit where one training pod fits.
+    assert container["resources"]["limits"]["cpu"] == "11000m"  # 88 / 8
+    assert container["resources"]["limits"]["memory"] == "115200Mi"  # 900Gi / 8
+    # The key follows what the cache depends on: a retrained autoencoder is a new cache.
+    assert latents_key(cfg, "joint-512", shards, ("train",), [["autoencoder", "cd" * 32]]) != key
+    assert latents_key(cfg, "joint-512", shards + "x", ("train",), sources) != key
 
 
 def test_eval_job_names_are_dns_labels_keyed_by_the_evaluation():
@@ -95,23 +122,29 @@ def _kube_job():
 
 def test_the_wait_loop_creates_reattaches_and_reports_failures():
     apis = _Apis([(None, None), (1, "Complete")])
-    run_eval_job(_kube_job(), poll_s=0, apis=(apis, apis))
+    run_job(_kube_job(), poll_s=0, apis=(apis, apis))
     assert len(apis.created) == 1
     again = _Apis([(1, None)], exists=True)  # a rerun finds it: waits on it, creates nothing
-    run_eval_job(_kube_job(), poll_s=0, apis=(again, again))
+    run_job(_kube_job(), poll_s=0, apis=(again, again))
     assert again.created == []
     failed = _Apis([(None, None), (None, "Failed")])
     with pytest.raises(LaunchError, match="failed") as err:
-        run_eval_job(_kube_job(), poll_s=0, apis=(failed, failed))
+        run_job(_kube_job(), poll_s=0, apis=(failed, failed))
     assert "[pod-1] CUDA out of memory" in str(err.value)
+    # An Indexed Job is done when all its parts are, not at the first pod that succeeds.
+    cfg = load_config(CONFIGS / "tiny.yaml")
+    indexed = build_latents_job(cfg, "dm", ["python"], KEY, 4, LaunchConfig(store="s3://b"))
+    parts = _Apis([(1, None), (3, None), (4, None)])
+    run_job(indexed, poll_s=0, apis=(parts, parts))
+    assert parts.statuses == []
     slow = _Apis([(None, None)] * 100)
     with pytest.raises(LaunchError, match="timed out .*a rerun reattaches"):
-        run_eval_job(_kube_job(), timeout_s=0, poll_s=0, apis=(slow, slow))
+        run_job(_kube_job(), timeout_s=0, poll_s=0, apis=(slow, slow))
 
 
 def test_a_failing_local_evaluation_names_its_command_and_shows_its_last_lines(tmp_path):
     command = ["python", "-m", "mardini.eval.job", "--config", str(tmp_path / "none.yaml"),
                "--stage", "dm", "--export", "x", "--out", str(tmp_path / "out"), "--data", "y"]  # fmt: skip
     with pytest.raises(LaunchError, match=r"evaluation failed \(exit 1\)") as err:
-        run_eval_local(command, {}, timeout_s=300)
+        run_local(command, {}, timeout_s=300, what="evaluation")
     assert sys.executable in str(err.value) and "config file not found" in str(err.value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -161,20 +162,37 @@ def test_missing_cache_and_wrong_resolution_say_what_to_run(tmp_path, shards):
         next(train_batches(url, frames=4, resolution=32, fps=4.0, micro_batch=1))
 
 
-def test_cache_on_s3_through_the_cli(tmp_path, shards, s3_bucket):
-    """`python -m data_prep latents` against moto S3: mp4 shards up, latents beside them."""
+def test_cache_on_s3_through_the_cli_in_parts(tmp_path, shards, s3_bucket):
+    """`python -m data_prep latents --parts 2` against moto S3, as the pods of an Indexed Job
+    run it (the index from JOB_COMPLETION_INDEX): each part encodes its half of the shards,
+    the part that finishes last writes the record, and --record-to gets a copy."""
     remote = f"{s3_bucket}/shards"
     fs, _ = filesystem(remote)
     fs.put(shards + "/", remote.removeprefix("s3://") + "/", recursive=True)
     config = _config(tmp_path, remote)
-    cmd = [sys.executable, "-m", "data_prep", "latents", "--config", str(config), "--stage", "dm"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "train: 6 clips in 2 shards" in result.stdout
     cfg = load_config(config)
     ae = stage_autoencoder(cfg, cfg.stage("dm"), str(tmp_path))
     url = cache_url(remote, 32, fingerprint(ae, 2))
-    assert fs.exists(join(url, CACHE_RECORD).removeprefix("s3://"))
+    record_to = f"{s3_bucket}/runs/latents/key.json"
+    cmd = [sys.executable, "-m", "data_prep", "latents", "--config", str(config), "--stage", "dm",
+           "--parts", "2", "--record-to", record_to]  # fmt: skip
+
+    def part(index: int) -> str:
+        env = {**os.environ, "JOB_COMPLETION_INDEX": str(index)}
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        fs.invalidate_cache()  # written by another process
+        return result.stdout
+
+    assert "part 1 of 2 done" in part(1)
+    assert not fs.exists(join(url, CACHE_RECORD).removeprefix("s3://"))  # part 0 is missing
+    assert len(fs.glob(join(url, "*", "shard-*.tar").removeprefix("s3://"))) == 2  # its half
+    assert "train: 6 clips in 2 shards" in part(0)
+    record = json.loads(fs.cat_file(join(url, CACHE_RECORD).removeprefix("s3://")))
+    assert record["splits"]["val"]["clips"] == 4
+    assert json.loads(fs.cat_file(record_to.removeprefix("s3://")))["url"] == url
     batch = next(train_batches(url, frames=4, resolution=32, fps=4.0, micro_batch=2))
     assert batch.latents[0].shape == (2, 4, 3, 32, 32)
     assert all(HI in s for s in _latent_samples(url, "val").values())
+    with pytest.raises(PrepError, match="part 2 of 2"):
+        cache_latents(remote, ae, planner_downscale=2, resolution=32, part=(2, 2))

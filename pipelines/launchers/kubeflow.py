@@ -179,6 +179,9 @@ class LaunchConfig(BaseModel):
     # 12 bytes x trained parameters / nnodes (fp32 weights and Adam moments) + 4 bytes x
     # parameters (the export), with room to spare.
     scratch_size: str = "50Gi"
+    # Pods of the latent cache's Indexed Job (data.latents), one GPU and 1/gpus_per_node of a
+    # training pod's CPU and memory each (pipelines.launchers.batch_job).
+    latent_parts: int = Field(8, ge=1)
     # MARDINI_STORE for the job; None leaves it to ConfigMap mardini-config, the cluster's default.
     store: str | None = None
     # Short service name: the job runs in the namespace of the MLflow server (k8s/base).
