@@ -522,10 +522,20 @@ def load_config(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -
         _apply_override(raw, override, source)
     raw["source"] = source
     try:
-        return CurriculumConfig.model_validate(raw)
+        cfg = CurriculumConfig.model_validate(raw)
     except ValidationError as err:
         lines = [f"{_key_path(e['loc'], raw) or '<root>'}: {e['msg']}" for e in err.errors()]
         raise ConfigError(f"{source}: invalid config\n  " + "\n  ".join(lines)) from None
+    # A mistyped gate metric is refused here, not after the stage has trained. (Imported late:
+    # the gates module reads GateConfig from this one.)
+    from mardini.eval.gates import UnknownMetricError, validate_gates
+
+    for stage in cfg.stages:
+        try:
+            validate_gates(stage.gates, where=f"stages.{stage.name}.gates")
+        except UnknownMetricError as err:
+            raise ConfigError(f"{source}: invalid config\n  {err}") from None
+    return cfg
 
 
 def model_config(preset: str, **fields: Any) -> ModelConfig:

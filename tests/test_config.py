@@ -122,6 +122,14 @@ def test_gate_needs_a_rule(tmp_path):
         load_config(_write(tmp_path, raw))
 
 
+def test_a_mistyped_gate_metric_is_refused_at_load_not_after_training():
+    with pytest.raises(ConfigError, match=r"tiny.yaml.*\n.*stages\.dm\.gates: unknown metric "
+                       r"'interp_psnrr' in a gate; known metrics: .*interp_psnr"):  # fmt: skip
+        load_config(CONFIGS / "tiny.yaml", ["stages.dm.gates.0.metric=interp_psnrr"])
+    with pytest.raises(ConfigError, match="joint-i2v.gates: gate on 'i2v_psnr' beats 'nearst'"):
+        load_config(CONFIGS / "tiny.yaml", ["stages.joint-i2v.gates.1.beats=nearst"])
+
+
 def test_init_from_must_name_an_earlier_stage(tmp_path):
     cfg = load_config(CONFIGS / "tiny.yaml")
     assert cfg.stage("joint-interpolation").init_from == ["mar", "dm"]
