@@ -73,6 +73,42 @@ def resolve_config(config: str, overrides: list[str], store: str) -> tuple[Curri
     return load_config(path), str(path)
 
 
+def _run_where_the_gpus_are(
+    cfg: CurriculumConfig,
+    launcher: str,
+    what: str,
+    command_for: Any,
+    build: Any,
+    env: dict[str, str],
+    config_path: str | None,
+    image: str | None,
+    timeout_s: float | None,
+) -> None:
+    """Run a heavy step that is not training: ``command_for(config path, launch settings)``
+    as a subprocess (``local``; no launch settings) or as the Kubernetes Job that
+    ``build(command, launch settings)`` makes (``kubeflow``, the image's config path)."""
+    from pipelines.launchers import batch_job
+
+    if launcher == "local":
+        command = command_for(config_path or str(cfg.source), None)
+        batch_job.run_local(command, env, timeout_s, what=what)
+    elif launcher == "kubeflow":
+        from pipelines.launchers.kubeflow import LaunchConfig, image_config_path
+
+        launch = LaunchConfig.from_env(os.environ, **({"image": image} if image else {}))
+        command = command_for(image_config_path(str(cfg.source)), launch)
+        batch_job.run_job(build(command, launch), timeout_s=timeout_s, what=what)
+    else:
+        raise ValueError(f"unknown launcher {launcher!r}; use 'local' or 'kubeflow'")
+
+
+def _weights_digest(store: str, cfg: CurriculumConfig, stage: str) -> str | None:
+    """The SHA-256 of a stage's exported weights (None when it has no export, or an old one)."""
+    return (read_final_meta(join(stage_dir(store, cfg.name, stage), "final")) or {}).get(
+        "weights_sha256"
+    )
+
+
 @task(name="cache-latents", cache_policy=NO_CACHE, retries=1)
 def cache_stage_latents(
     cfg: CurriculumConfig,
@@ -88,20 +124,13 @@ def cache_stage_latents(
     pods, default 8), or a subprocess running the same command (``local``). Returns the cache's
     URL, read back from the record the job leaves; a cache finished before is not run again."""
     from mardini.train.engine import shards_url
-    from pipelines.launchers import batch_job, latents_job
+    from pipelines.launchers import latents_job
 
     st = cfg.stage(stage)
     shards = shards_url(cfg, store, st)
     splits = (cfg.data.train_split,)
     sources = [
-        source
-        if source.startswith("models:/")
-        else [
-            source,
-            (read_final_meta(join(stage_dir(store, cfg.name, source), "final")) or {}).get(
-                "weights_sha256"
-            ),
-        ]  # fmt: skip
+        source if source.startswith("models:/") else [source, _weights_digest(store, cfg, source)]
         for source in st.init_from
     ]
     key = latents_job.latents_key(cfg, stage, shards, splits, sources)
@@ -111,23 +140,22 @@ def cache_stage_latents(
     if record is not None:
         get_run_logger().info("stage %s: latents cached before, at %s", stage, record["url"])
         return record["url"]
-    if launcher == "local":
-        command = latents_job.latents_command(
-            config_path or str(cfg.source), stage, shards, splits, 1, record_to
-        )
-        batch_job.run_local(command, {"MARDINI_STORE": store}, timeout_s, what="latent cache")
-    elif launcher == "kubeflow":
-        from pipelines.launchers.kubeflow import LaunchConfig, image_config_path
-
-        launch = LaunchConfig.from_env(os.environ, **({"image": image} if image else {}))
-        parts = launch.latent_parts
-        command = latents_job.latents_command(
-            image_config_path(str(cfg.source)), stage, shards, splits, parts, record_to
-        )
-        job = latents_job.build_latents_job(cfg, stage, command, key, parts, launch)
-        batch_job.run_job(job, timeout_s=timeout_s, what="latent cache")
-    else:
-        raise ValueError(f"unknown launcher {launcher!r}; use 'local' or 'kubeflow'")
+    parts = lambda launch: launch.latent_parts if launch else 1  # noqa: E731
+    _run_where_the_gpus_are(
+        cfg,
+        launcher,
+        "latent cache",
+        lambda path, launch: latents_job.latents_command(
+            path, stage, shards, splits, parts(launch), record_to
+        ),
+        lambda command, launch: latents_job.build_latents_job(
+            cfg, stage, command, key, parts(launch), launch
+        ),
+        {"MARDINI_STORE": store},
+        config_path,
+        image,
+        timeout_s,
+    )
     record = read_json(record_to)
     if record is None:
         raise RuntimeError(
@@ -247,7 +275,7 @@ def evaluate_stage(
     from mardini.eval.evaluate import stage_eval_settings
     from mardini.eval.job import eval_dir, eval_key, read_results
     from mardini.train.engine import shards_url
-    from pipelines.launchers import batch_job, eval_job
+    from pipelines.launchers import eval_job
 
     data = shards_url(cfg, store, cfg.stage(stage))
     meta = read_final_meta(final_url) or {}
@@ -258,23 +286,19 @@ def evaluate_stage(
     if results is not None:
         get_run_logger().info("stage %s: evaluated before, results at %s", stage, out)
         return results
-    if launcher == "local":
-        command = eval_job.eval_command(
-            config_path or str(cfg.source), stage, final_url, out, data, run_id
-        )
-        env = {"MARDINI_STORE": store, "MLFLOW_TRACKING_URI": uri}
-        batch_job.run_local(command, env, timeout_s, what="evaluation")
-    elif launcher == "kubeflow":
-        from pipelines.launchers.kubeflow import LaunchConfig, image_config_path
-
-        command = eval_job.eval_command(
-            image_config_path(str(cfg.source)), stage, final_url, out, data, run_id
-        )
-        launch = LaunchConfig.from_env(os.environ, **({"image": image} if image else {}))
-        job = eval_job.build_eval_job(cfg, stage, command, out.rsplit("/", 1)[1], run_id, launch)
-        batch_job.run_job(job, timeout_s=timeout_s, what="evaluation")
-    else:
-        raise ValueError(f"unknown launcher {launcher!r}; use 'local' or 'kubeflow'")
+    _run_where_the_gpus_are(
+        cfg,
+        launcher,
+        "evaluation",
+        lambda path, launch: eval_job.eval_command(path, stage, final_url, out, data, run_id),
+        lambda command, launch: eval_job.build_eval_job(
+            cfg, stage, command, out.rsplit("/", 1)[1], run_id, launch
+        ),
+        {"MARDINI_STORE": store, "MLFLOW_TRACKING_URI": uri},
+        config_path,
+        image,
+        timeout_s,
+    )
     results = read_results(out)
     if results is None:
         raise RuntimeError(

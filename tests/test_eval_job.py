@@ -5,7 +5,12 @@ test_curriculum_flow (and the parts of a latent cache in test_latents)."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import kubernetes_validate
@@ -22,6 +27,7 @@ from pipelines.launchers.local import LaunchError
 from tests.conftest import CONFIGS
 
 K8S_VERSION = "1.33"
+REPO = Path(__file__).resolve().parents[1]
 KEY = "0123456789abcdef"
 
 
@@ -148,3 +154,48 @@ def test_a_failing_local_evaluation_names_its_command_and_shows_its_last_lines(t
     with pytest.raises(LaunchError, match=r"evaluation failed \(exit 1\)") as err:
         run_local(command, {}, timeout_s=300, what="evaluation")
     assert sys.executable in str(err.value) and "config file not found" in str(err.value)
+
+
+class _Cluster(_Apis):
+    """A stand-in Kubernetes API that runs a created Job's pods here: each index's container
+    command, with the index in JOB_COMPLETION_INDEX, from the checkout (the image's WORKDIR)."""
+
+    def __init__(self, env):
+        super().__init__([])
+        self.env = env
+
+    def create_namespaced_job(self, namespace, job):
+        self.created.append(job)
+        (container,) = job.spec.template.spec.containers
+        pod_env = {e.name: e.value for e in container.env if e.value is not None}
+        self.parts = job.spec.completions or 1
+        for index in range(self.parts):
+            env = {**os.environ, **pod_env, **self.env, "JOB_COMPLETION_INDEX": str(index)}
+            done = subprocess.run([sys.executable, *container.command[1:]], cwd=REPO, env=env,
+                                  capture_output=True, text=True, timeout=300)  # fmt: skip
+            assert done.returncode == 0, done.stdout + done.stderr
+
+    def read_namespaced_job(self, name, namespace):
+        return SimpleNamespace(status=SimpleNamespace(succeeded=self.parts, conditions=[]))
+
+
+def test_the_flow_caches_latents_through_an_indexed_job(tmp_path, train_shards, monkeypatch):
+    """The kubeflow branch of the flow's cache-latents task up to the Kubernetes API: the Job
+    it creates, run pod by pod by a stand-in, leaves the cache and the record the flow reads."""
+    from pipelines import curriculum_flow
+    from pipelines.launchers import batch_job
+
+    shards = str(tmp_path / "shards")
+    shutil.copytree(train_shards, shards)
+    store = str(tmp_path / "store")
+    cluster = _Cluster({"DS_ACCELERATOR": "cpu"})
+    monkeypatch.setattr(batch_job, "_kubernetes_apis", lambda: (cluster, cluster))
+    monkeypatch.setenv("MARDINI_K8S_LATENT_PARTS", "2")
+    cfg = load_config(CONFIGS / "tiny.yaml", [f"data.shards={shards}"])
+    url = curriculum_flow.cache_stage_latents.fn(cfg, "dm", store, launcher="kubeflow")
+    (job,) = cluster.created
+    assert job.spec.completions == 2 and job.spec.completion_mode == "Indexed"
+    record = json.loads((Path(url) / "latents.json").read_text())
+    assert record["splits"]["train"]["clips"] == 6 and "val" not in record["splits"]
+    (copy,) = (Path(store) / "runs" / "tiny" / "dm" / "latents").glob("*.json")
+    assert json.loads(copy.read_text())["url"] == url
