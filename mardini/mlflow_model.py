@@ -229,6 +229,33 @@ def _media_fields_untyped() -> Iterator[None]:
         yield
 
 
+# True while ``save_reference`` saves a model (see ``_no_example_run``).
+_SAVING = False
+
+
+class _SavingOnly(RuntimeError):
+    """``load_context`` called while the model is being saved, not served."""
+
+
+@contextlib.contextmanager
+def _no_example_run() -> Iterator[None]:
+    """Keep MLflow from loading the model while saving it. Given type hints and an input example,
+    ``save_model`` calls ``load_context`` and ``predict`` on the example to check the output:
+    that would read the export's weights (14.4 GB at paper scale) and generate a clip in the
+    flow's pod. Meanwhile ``load_context`` refuses at once; MLflow then keeps the output schema of
+    the type hints (``list[Any]``), and its warning about the failed run is silenced here."""
+    global _SAVING
+    logger = logging.getLogger("mlflow.models.signature")
+    level = logger.level
+    _SAVING = True
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        _SAVING = False
+        logger.setLevel(level)
+
+
 class MarDiniModel(mlflow.pyfunc.PythonModel):
     """Pyfunc wrapper: ``load_context`` loads the export the model refers to, ``predict``
     generates."""
@@ -238,6 +265,8 @@ class MarDiniModel(mlflow.pyfunc.PythonModel):
         logged with a copy, from ``artifacts/final`` (GPU if there is one)."""
         from mardini.generate import load_model
 
+        if _SAVING:
+            raise _SavingOnly("the model is being saved: its weights are not loaded")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model, self.meta = load_model(_export_of(context), device=device)
 
@@ -397,7 +426,7 @@ def save_reference(final_url: str, path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(
             f"no finished export at {final_url} (config.json missing): train that stage first"
         )
-    with _media_fields_untyped():
+    with _media_fields_untyped(), _no_example_run():
         mlflow.pyfunc.save_model(
             str(path),
             python_model=MarDiniModel(),

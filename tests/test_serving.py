@@ -104,6 +104,26 @@ def test_the_model_shows_its_request_schema_and_a_working_example(pyfunc):
     assert isinstance(clip, str) and base64.b64decode(clip)[4:8] == b"ftyp"  # an mp4
 
 
+def test_saving_a_version_does_not_load_its_weights(tmp_path, monkeypatch):
+    """MLflow runs load_context and predict on the input example when it saves a type-hinted
+    model; for us that would read a paper-scale export (14.4 GB) in the flow's pod."""
+    import mardini.generate
+
+    torch.manual_seed(0)
+    model = build_model("debug")
+    meta = {"curriculum": "serve-test", "stage": "dm", "kind": "dm", "steps": 0,
+            "model": model.cfg.model_dump(mode="json")}  # fmt: skip
+    final = export_final(model.state_dict(), meta, str(tmp_path / "stage"))
+    loads = []
+    real = mardini.generate.load_model
+    monkeypatch.setattr(
+        mardini.generate, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k)
+    )
+    save_reference(final, tmp_path / "pyfunc")
+    assert loads == []
+    assert "outputs:" in (tmp_path / "pyfunc" / "MLmodel").read_text()  # the type hints' schema
+
+
 def test_predict_takes_the_documented_request_forms(pyfunc):
     (interpolated,) = pyfunc.predict([INTERPOLATE])
     assert interpolated.shape == (5, SIZE, SIZE, 3) and interpolated.dtype == np.uint8
