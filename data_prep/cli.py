@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,7 @@ from rich.table import Table
 
 from data_prep.config import PrepError, load_prep_config
 from data_prep.pipeline import MANIFEST, shard_videos
-from data_prep.shards import read_json, write_json
-from mardini.storage import join
+from mardini.storage import join, read_json
 
 app = typer.Typer(
     help="Cut raw videos into fixed-length clips in WebDataset shards on any fsspec store.",
@@ -153,104 +151,6 @@ def demo_data(
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
     _print_summary(manifest, join(manifest["url"], MANIFEST))
-
-
-@app.command()
-def latents(
-    config: Path = typer.Option(..., "--config", "-c", help="Curriculum YAML (model, data)."),
-    stage: str = typer.Option(
-        ..., "--stage", "-s", help="Stage whose resolution and autoencoder to cache for."
-    ),
-    override: list[str] = typer.Option([], "--override", "-o", help="Config key=value."),
-    shards: str = typer.Option(
-        None, help="mp4 shard root (default: the stage's dataset, as training reads it)."
-    ),
-    store: str = typer.Option(None, help="fsspec root (default $MARDINI_STORE or ./.mardini)."),
-    dtype: str = typer.Option("float32", help="float32 (exact) or float16 (half the bytes)."),
-    device: str = typer.Option(None, help="Where to encode (default: cuda if present, else cpu)."),
-    overwrite: bool = typer.Option(False, help="Replace a cache written with another dtype."),
-    split: list[str] = typer.Option(["train", "val"], "--split", help="Splits to cache."),
-    parts: int = typer.Option(1, min=1, help="Split the work into this many parts (pods)."),
-    index: int = typer.Option(
-        None,
-        help="This part's index (default $JOB_COMPLETION_INDEX, set in a Kubernetes Indexed "
-        "Job's pods, else 0).",
-    ),
-    record_to: str = typer.Option(
-        None, "--record-to", help="Also write the finished cache's latents.json here (a URL)."
-    ),
-) -> None:
-    """Cache the autoencoder latents (both resolutions) of every clip, beside the mp4 shards.
-
-    Then set data.latents: true and the stage trains from {shards}/latents/ without decoding
-    or encoding a frame. With --parts N, N processes (an Indexed Job's pods) each encode every
-    N-th shard; whichever finishes last writes latents.json. Rerun to resume.
-    """
-    import torch
-
-    from data_prep.latents import cache_latents
-    from mardini.config import ConfigError, load_config
-    from mardini.storage import store_root
-    from mardini.train.checkpoint import stage_autoencoder
-    from mardini.train.engine import shards_url
-
-    try:
-        cfg = load_config(config, override)
-        st = cfg.stage(stage)
-        root = store_root(store)
-        source = shards or shards_url(cfg, root, st)
-        autoencoder = stage_autoencoder(cfg, st, root)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        with _progress() as progress:
-            task = progress.add_task("listing shards", total=None, info="")
-            clips = {"done": 0}
-
-            def on_plan(n: int) -> None:
-                progress.update(task, description=f"encoding ({st.resolution} px)", total=n)
-
-            def on_shard(url: str, count: int, skipped: bool) -> None:
-                clips["done"] += count
-                info = f"{clips['done']} clips" + (" (resuming)" if skipped else "")
-                progress.update(task, advance=1, info=info)
-
-            record = cache_latents(
-                source,
-                autoencoder,
-                planner_downscale=cfg.model.planner_downscale,
-                resolution=st.resolution,
-                splits=tuple(split),
-                dtype=dtype,
-                device=device,
-                overwrite=overwrite,
-                on_plan=on_plan,
-                on_shard=on_shard,
-                part=(_part_index(index), parts),
-            )
-    except (PrepError, ConfigError, FileNotFoundError, ValueError) as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from None
-    if not record["complete"]:
-        console.print(f"part {_part_index(index)} of {parts} done; the last part writes "
-                      f"{record['url']}/latents.json")  # fmt: skip
-        return
-    if record_to:
-        write_json(record_to, record)
-    for split, info in record["splits"].items():
-        console.print(f"  {split}: {info['clips']} clips in {len(info['shards'])} shards")
-    console.print(f"latents: {record['url']} (autoencoder {record['fingerprint'][:12]})")
-    console.print("train from them with: -o data.latents=true")
-
-
-def _part_index(index: int | None) -> int:
-    """``--index``, else the pod's index in a Kubernetes Indexed Job, else 0."""
-    if index is not None:
-        return index
-    value = os.environ.get("JOB_COMPLETION_INDEX", "0")
-    if not value.isdigit():
-        raise typer.BadParameter(
-            f"JOB_COMPLETION_INDEX={value!r} is not an index", param_hint="--index"
-        )
-    return int(value)
 
 
 @app.command()

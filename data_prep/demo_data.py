@@ -17,9 +17,8 @@ from typing import Any
 
 from data_prep.config import PrepConfig
 from data_prep.pipeline import CONFIG_FILE, MANIFEST, InputCallback, dataset_url, shard_videos
-from data_prep.shards import is_local, read_json
 from data_prep.synthetic import PATTERN, write_synthetic_videos
-from mardini.storage import filesystem, join
+from mardini.storage import filesystem, is_local, join, read_json
 
 log = logging.getLogger(__name__)
 

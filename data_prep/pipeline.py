@@ -44,19 +44,18 @@ from typing import Any
 from data_prep.clips import VideoResult, process_video, rejected_result
 from data_prep.config import PrepConfig, PrepError
 from data_prep.inputs import InputFile, list_inputs
-from data_prep.shards import (
-    SHARD_GLOB,
+from data_prep.shards import SplitWriter, StagedShard
+from mardini.data.shards import MANIFEST, SHARD_PATTERN, STAGING_PREFIX
+from mardini.storage import (
     STAGED_JSON,
-    STAGING_PREFIX,
-    SplitWriter,
-    StagedShard,
+    filesystem,
     is_local,
+    join,
     publish,
     read_json,
+    store_root,
     write_json,
 )
-from mardini.data.shards import MANIFEST
-from mardini.storage import filesystem, join, store_root
 
 log = logging.getLogger(__name__)
 
@@ -456,7 +455,7 @@ def _collect_garbage(url: str, shards: set[str], chunks: set[str]) -> None:
     fs, root = filesystem(url)
     stale: list[str] = []
     for split in SPLITS:
-        for pattern in (SHARD_GLOB, f"{STAGING_PREFIX}*"):
+        for pattern in (SHARD_PATTERN, f"{STAGING_PREFIX}*"):
             for path in fs.glob(join(root, split, pattern)):
                 if f"{split}/{path.rsplit('/', 1)[-1]}" not in shards:
                     stale.append(path)

@@ -8,7 +8,6 @@ Tar headers carry fixed times and owners, so the same clips always make the same
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -17,22 +16,12 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
-from fsspec.implementations.local import LocalFileSystem
-
-from mardini.storage import filesystem
+from mardini.data.shards import STAGING_PREFIX, tar_add
+from mardini.storage import remove_file
 
 log = logging.getLogger(__name__)
 
-SHARD_GLOB = "shard-*.tar"
-STAGING_PREFIX = ".shard-"  # hidden: the loader's glob (shard-*.tar) never matches it
-STAGED_JSON = ".*.tmp"  # glob of JSON files being written (local stores only)
 _BLOCK = 512
-
-
-def is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    """True for the local disk (where a rename is atomic and needs no upload)."""
-    return isinstance(fs, LocalFileSystem)
 
 
 def shard_name(split: str, chunk_key: str, part: int) -> str:
@@ -102,9 +91,9 @@ class SplitWriter:
         if self._tar is not None:
             self._tar.close()
             self._tar = None
-            _remove(self._path)
+            remove_file(self._path)
         for shard in self.done:
-            _remove(shard.staged)
+            remove_file(shard.staged)
 
     def _close_part(self) -> None:
         assert self._tar is not None
@@ -123,60 +112,9 @@ class SplitWriter:
         self._count = self._bytes = 0
 
 
-def tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    """Add one member with a fixed time and mode, so equal contents make equal shard bytes."""
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o444
-    tar.addfile(info, io.BytesIO(data))
-
-
-def publish(staged: str, url: str) -> None:
-    """Make a local file appear at ``url`` in one step (rename locally, one upload remotely)."""
-    fs, path = filesystem(url)
-    if is_local(fs):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        os.replace(staged, path)
-    else:
-        fs.put_file(staged, path)
-        _remove(staged)
-
-
-def write_json(url: str, obj: Any) -> None:
-    """Write JSON so a reader sees the old file or the new one, never a torn one."""
-    data = (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
-    fs, path = filesystem(url)
-    if is_local(fs):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        # Hidden staging name; a killed run's leftovers are removed by the next run (STAGED_JSON).
-        head, tail = os.path.split(path)
-        staged = os.path.join(head, f".{tail}.{uuid.uuid4().hex}.tmp")
-        with open(staged, "wb") as handle:
-            handle.write(data)
-        os.replace(staged, path)
-    else:
-        fs.pipe_file(path, data)
-
-
-def read_json(url: str) -> Any | None:
-    """The parsed JSON at ``url``, or ``None`` if there is no such file."""
-    fs, path = filesystem(url)
-    try:
-        with fs.open(path, "rb") as handle:
-            return json.load(handle)
-    except FileNotFoundError:
-        return None
-
-
 def _sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(2**20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _remove(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass

@@ -123,7 +123,7 @@ def encode_pair(
     """Latents of a clip at both resolutions: ``(hi, lo)`` for the generator and the planner.
 
     ``lo`` encodes the frames area-downscaled by ``planner_downscale``. The one definition the
-    model, the latent cache (``data_prep latents``) and the benchmarks share.
+    model, the latent cache (``mardini prep latents``) and the benchmarks share.
     """
     hi = autoencoder.encode(video_BT3HW)
     if planner_downscale == 1:

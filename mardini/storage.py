@@ -7,17 +7,21 @@ standard AWS environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 DEFAULT_STORE = "./.mardini"
+STAGED_JSON = ".*.tmp"  # glob of JSON files being written (local stores only)
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -72,3 +76,53 @@ def retry(
             time.sleep(delay * (1 + random.random() / 2))
             delay = min(2 * delay, max_backoff_s)
     raise AssertionError("unreachable")
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """True for the local disk (where a rename is atomic and needs no upload)."""
+    return isinstance(fs, LocalFileSystem)
+
+
+def remove_file(path: str) -> None:
+    """Remove a local file if it is there."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def publish(staged: str, url: str) -> None:
+    """Make a local file appear at ``url`` in one step (rename locally, one upload remotely)."""
+    fs, path = filesystem(url)
+    if is_local(fs):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        os.replace(staged, path)
+    else:
+        fs.put_file(staged, path)
+        remove_file(staged)
+
+
+def write_json(url: str, obj: Any) -> None:
+    """Write JSON so a reader sees the old file or the new one, never a torn one."""
+    data = (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+    fs, path = filesystem(url)
+    if is_local(fs):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        # Hidden staging name; a killed run's leftovers are removed by the next run (STAGED_JSON).
+        head, tail = os.path.split(path)
+        staged = os.path.join(head, f".{tail}.{uuid.uuid4().hex}.tmp")
+        with open(staged, "wb") as handle:
+            handle.write(data)
+        os.replace(staged, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def read_json(url: str) -> Any | None:
+    """The parsed JSON at ``url``, or ``None`` if there is no such file."""
+    fs, path = filesystem(url)
+    try:
+        with fs.open(path, "rb") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        return None

@@ -25,11 +25,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import Pause
 from prefect.runtime import deployment, flow_run
 
-from data_prep.shards import read_json
 from mardini.config import CurriculumConfig, ModelConfig, StageConfig, load_config
+from mardini.layout import final_url, stage_dir
 from mardini.progress import StageEvent, emit
-from mardini.storage import join, store_root
-from mardini.train.checkpoint import read_final_meta, stage_dir
+from mardini.storage import join, read_json, store_root
+from mardini.train.checkpoint import read_final_meta
 from mardini.train.tracking import ensure_experiment, log_params, tracking_uri
 from pipelines.approval import (
     ApprovalTimedOut,
@@ -104,9 +104,7 @@ def _run_where_the_gpus_are(
 
 def _weights_digest(store: str, cfg: CurriculumConfig, stage: str) -> str | None:
     """The SHA-256 of a stage's exported weights (None when it has no export, or an old one)."""
-    return (read_final_meta(join(stage_dir(store, cfg.name, stage), "final")) or {}).get(
-        "weights_sha256"
-    )
+    return (read_final_meta(final_url(store, cfg.name, stage)) or {}).get("weights_sha256")
 
 
 @task(name="cache-latents", cache_policy=NO_CACHE, retries=1)
@@ -123,7 +121,7 @@ def cache_stage_latents(
     are, not in this process: an Indexed Kubernetes Job (``kubeflow``; ``MARDINI_K8S_LATENT_PARTS``
     pods, default 8), or a subprocess running the same command (``local``). Returns the cache's
     URL, read back from the record the job leaves; a cache finished before is not run again."""
-    from mardini.train.engine import shards_url
+    from mardini.layout import shards_url
     from pipelines.launchers import latents_job
 
     st = cfg.stage(stage)
@@ -216,7 +214,7 @@ def train_stage(
     start = time.monotonic()
     total = cfg.stage(stage).steps
     progress = StageProgress(stage, total)  # the flow run's progress bar while the job runs
-    final = join(stage_dir(store, cfg.name, stage), "final")
+    final = final_url(store, cfg.name, stage)
     done = read_final_meta(final)
     if done is not None and same_training(done, cfg, stage):
         # A job that finished before (the flow died after it, or a gate failed and was changed):
@@ -274,7 +272,7 @@ def evaluate_stage(
     finished before is not run again."""
     from mardini.eval.evaluate import stage_eval_settings
     from mardini.eval.job import eval_dir, eval_key, read_results
-    from mardini.train.engine import shards_url
+    from mardini.layout import shards_url
     from pipelines.launchers import eval_job
 
     data = shards_url(cfg, store, cfg.stage(stage))
@@ -712,7 +710,7 @@ def evaluate_checkpoint(
 
     store = store_root(store)
     cfg = load_config(config)
-    from mardini.train.engine import shards_url
+    from mardini.layout import shards_url
 
     data = data or shards_url(cfg, store, cfg.stage(stage))
     return evaluate_final(checkpoint, cfg, stage, data=data, run_id=None)

@@ -17,7 +17,7 @@ def test_demo_writes_a_decodable_interpolation(tmp_path):
         [
             sys.executable,
             "-m",
-            "mardini.cli",
+            "pipelines.cli",
             "demo",
             "--quick",
             "--out",

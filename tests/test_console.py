@@ -11,10 +11,10 @@ import warnings
 import pytest
 from rich.console import Console
 
-from mardini.cli import StageConsole, _log_to_file
 from mardini.config import load_config
 from mardini.progress import LOGGER, StageEvent, emit, event_of, parse_step, step_line
 from mardini.train.engine import _Progress
+from pipelines.cli import StageConsole, _log_to_file
 from pipelines.launchers.local import relay_line
 from tests.conftest import CONFIGS
 
@@ -195,8 +195,8 @@ def test_a_failed_demo_prints_what_failed_and_where_the_log_is(
 ):
     from typer.testing import CliRunner
 
-    import mardini.workflow_demo
-    from mardini.cli import app
+    import pipelines.workflow_demo
+    from pipelines.cli import app
 
     def fail(*args, **kwargs):
         emit(
@@ -209,7 +209,7 @@ def test_a_failed_demo_prints_what_failed_and_where_the_log_is(
             "stage 'dm' failed its gates (MLflow: run x)\ngates of stage 'dm': FAILED"
         )
 
-    monkeypatch.setattr(mardini.workflow_demo, "run_workflow_demo", fail)
+    monkeypatch.setattr(pipelines.workflow_demo, "run_workflow_demo", fail)
     result = CliRunner().invoke(app, ["demo", "--store", str(tmp_path)])
     assert result.exit_code == 1
     lines = result.output.splitlines()
@@ -226,9 +226,9 @@ def test_the_final_table_names_the_pictures_and_the_log(tmp_path, restore_loggin
 
     from typer.testing import CliRunner
 
-    import mardini.workflow_demo
-    from mardini.cli import app
-    from mardini.workflow_demo import WorkflowDemo
+    import pipelines.workflow_demo
+    from pipelines.cli import app
+    from pipelines.workflow_demo import WorkflowDemo
 
     out = Path(tmp_path, "out")
     done = WorkflowDemo(
@@ -241,7 +241,7 @@ def test_the_final_table_names_the_pictures_and_the_log(tmp_path, restore_loggin
         summary_png=out / "summary.png",
         summary_gif=out / "summary.gif",
     )
-    monkeypatch.setattr(mardini.workflow_demo, "run_workflow_demo", lambda *a, **k: done)
+    monkeypatch.setattr(pipelines.workflow_demo, "run_workflow_demo", lambda *a, **k: done)
     result = CliRunner().invoke(app, ["demo", "--store", str(tmp_path)])
     assert result.exit_code == 0, result.output
     cells = "".join(line.strip("│ ") for line in result.output.splitlines())

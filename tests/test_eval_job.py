@@ -79,7 +79,7 @@ def test_the_latent_cache_is_an_indexed_job_of_one_gpu_pods():
     spec = job["spec"]
     assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 8, 8)
     (container,) = spec["template"]["spec"]["containers"]
-    assert container["command"][:4] == ["python", "-m", "data_prep", "latents"]
+    assert container["command"][:5] == ["python", "-m", "pipelines.cli", "prep", "latents"]
     assert container["command"][container["command"].index("--parts") + 1] == "8"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     # An eighth of a training node each: eight parts fit where one training pod fits.

@@ -15,11 +15,10 @@ import pytest
 import torch
 import yaml
 
-from data_prep.config import PrepError
-from data_prep.latents import cache_latents
 from mardini.autoencoder import encode_pair, fingerprint
 from mardini.config import load_config
 from mardini.data import ClipSpec, LatentBatch, decode_clip, shard_samples, train_batches
+from mardini.data.latent_cache import LatentCacheError, cache_latents
 from mardini.data.latents import CACHE_RECORD, HI, cache_url, decode_latents
 from mardini.models import build_model
 from mardini.storage import filesystem, join
@@ -136,7 +135,7 @@ def test_rerun_skips_done_shards_and_refuses_another_dtype(tmp_path, shards):
     assert {k: v for k, v in again.items() if k != "created"} == {
         k: v for k, v in first.items() if k != "created"
     }
-    with pytest.raises(PrepError, match="float32 latents, asked for float16"):
+    with pytest.raises(LatentCacheError, match="float32 latents, asked for float16"):
         cache_latents(shards, ae, planner_downscale=2, resolution=32, dtype="float16")
     half = cache_latents(
         shards, ae, planner_downscale=2, resolution=32, dtype="float16", overwrite=True
@@ -163,7 +162,7 @@ def test_missing_cache_and_wrong_resolution_say_what_to_run(tmp_path, shards):
 
 
 def test_cache_on_s3_through_the_cli_in_parts(tmp_path, shards, s3_bucket):
-    """`python -m data_prep latents --parts 2` against moto S3, as the pods of an Indexed Job
+    """`mardini prep latents --parts 2` against moto S3, as the pods of an Indexed Job
     run it (the index from JOB_COMPLETION_INDEX): each part encodes its half of the shards,
     the part that finishes last writes the record, and --record-to gets a copy."""
     remote = f"{s3_bucket}/shards"
@@ -174,7 +173,7 @@ def test_cache_on_s3_through_the_cli_in_parts(tmp_path, shards, s3_bucket):
     ae = stage_autoencoder(cfg, cfg.stage("dm"), str(tmp_path))
     url = cache_url(remote, 32, fingerprint(ae, 2))
     record_to = f"{s3_bucket}/runs/latents/key.json"
-    cmd = [sys.executable, "-m", "data_prep", "latents", "--config", str(config), "--stage", "dm",
+    cmd = [sys.executable, "-m", "pipelines.cli", "prep", "latents", "--config", str(config), "--stage", "dm",
            "--parts", "2", "--record-to", record_to]  # fmt: skip
 
     def part(index: int) -> str:
@@ -194,5 +193,5 @@ def test_cache_on_s3_through_the_cli_in_parts(tmp_path, shards, s3_bucket):
     batch = next(train_batches(url, frames=4, resolution=32, fps=4.0, micro_batch=2))
     assert batch.latents[0].shape == (2, 4, 3, 32, 32)
     assert all(HI in s for s in _latent_samples(url, "val").values())
-    with pytest.raises(PrepError, match="part 2 of 2"):
+    with pytest.raises(LatentCacheError, match="part 2 of 2"):
         cache_latents(remote, ae, planner_downscale=2, resolution=32, part=(2, 2))

@@ -20,12 +20,12 @@ from mardini.cli import app
 from mardini.config import load_config
 from mardini.data.loader import SharedMemoryError, sample_bytes
 from mardini.data.shards import MANIFEST, clip_size
+from mardini.layout import shards_url
 from mardini.storage import join
 from mardini.train.engine import (
     DatasetResolutionError,
     check_loader_memory,
     check_resolution,
-    shards_url,
 )
 from tests.conftest import CONFIGS
 

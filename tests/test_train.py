@@ -15,9 +15,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from mardini.config import load_config
+from mardini.layout import stage_dir
 from mardini.models import build_model
 from mardini.storage import filesystem, join
-from mardini.train.checkpoint import load_init, read_final, stage_dir
+from mardini.train.checkpoint import load_init, read_final
 from pipelines.launchers.local import run_local
 from tests.conftest import CONFIGS
 
@@ -298,7 +299,7 @@ def test_torn_checkpoint_keeps_latest_on_the_previous_one(tmp_path, train_shards
 def test_training_from_cached_latents_takes_the_same_steps(tmp_path, train_shards, uninterrupted):
     """`data.latents: true` reads the latent cache instead of mp4: with the pixel autoencoder
     the latents are the frames, so every loss equals the mp4 run's, bit for bit."""
-    from data_prep.latents import cache_latents
+    from mardini.data.latent_cache import cache_latents
     from mardini.train.checkpoint import stage_autoencoder
 
     shards = tmp_path / "shards"

@@ -1,6 +1,6 @@
 """Shards of precomputed autoencoder latents: where they live and how a sample reads back.
 
-Written by ``python -m data_prep latents`` (= ``mardini prep latents``) beside the mp4 shards::
+Written by ``mardini prep latents`` (``mardini.data.latent_cache``) beside the mp4 shards::
 
     {shards}/latents/{resolution}px-{fingerprint[:12]}/latents.json        written last
     {shards}/latents/{resolution}px-{fingerprint[:12]}/{split}/shard-*.tar  one per mp4 shard

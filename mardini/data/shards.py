@@ -24,6 +24,8 @@ from mardini.storage import filesystem, join
 log = logging.getLogger(__name__)
 
 SHARD_PATTERN = "shard-*.tar"
+# Shards being written are hidden under this prefix: SHARD_PATTERN never matches them.
+STAGING_PREFIX = ".shard-"
 # Written last by ``mardini prep shard`` beside the splits; ``config`` holds the prep settings.
 MANIFEST = "manifest.json"
 # s3fs reads ahead this much per request; shards are read front to back exactly once.
@@ -32,6 +34,13 @@ _READ_BLOCK = 16 * 2**20
 RawSample = dict[str, Any]
 # Members webdataset's tar reader drops (metadata such as __index__): not part of any sample.
 _SKIPPED = r"__[^/]*__($|/)"
+
+
+def tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Add one member with a fixed time and mode, so equal contents make equal shard bytes."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o444
+    tar.addfile(info, io.BytesIO(data))
 
 
 def split_url(shards: str, split: str) -> str:

@@ -518,7 +518,7 @@ def evaluate_final(
 ) -> dict[str, float | str]:
     """Evaluate ``checkpoint`` as stage ``stage`` of ``cfg`` (its frames, resolution, fps, the
     curriculum's sampling settings and seed) on the held-out split; returns ``results()``."""
-    from mardini.train.engine import shards_url
+    from mardini.layout import shards_url
 
     data = data or shards_url(cfg, store_root(store), cfg.stage(stage))
     settings = {**stage_eval_settings(cfg, stage), **overrides}

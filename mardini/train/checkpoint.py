@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from mardini.layout import final_url
 from mardini.storage import filesystem, join, retry
 
 log = logging.getLogger(__name__)
@@ -40,11 +41,6 @@ TRAINED_PARTS: dict[str, tuple[str, ...]] = {
     "dm": ("generator",),
     "joint": ("planner", "generator"),
 }
-
-
-def stage_dir(store: str, curriculum: str, stage: str) -> str:
-    """``{store}/runs/{curriculum}/{stage}``."""
-    return join(store, "runs", curriculum, stage)
 
 
 def fault_point(point: str) -> None:
@@ -295,7 +291,7 @@ def resolve_init_source(source: str, store: str, curriculum: str) -> str:
         from mardini.mlflow_model import registered_export
 
         return registered_export(source)
-    return join(stage_dir(store, curriculum, source), "final")
+    return final_url(store, curriculum, source)
 
 
 def load_init(

@@ -29,6 +29,7 @@ import yaml
 
 from mardini.config import CurriculumConfig, StageConfig
 from mardini.data.augment import augment_clips, reverse_some
+from mardini.layout import shards_url, stage_dir
 from mardini.masking import MaskSampler
 from mardini.models import MarDini, build_model
 from mardini.models.flops import KIND_PARTS, mfu, train_flops
@@ -40,7 +41,6 @@ from mardini.train.checkpoint import (
     export_final,
     fault_point,
     load_init,
-    stage_dir,
 )
 from mardini.train.tracking import Tracker, git_commit
 
@@ -178,14 +178,6 @@ def freeze_for(model: MarDini, kind: str) -> list[str]:
             "an autoencoder stage needs model.autoencoder.kind: kl (pixel space has no weights)"
         )
     return list(parts)
-
-
-def shards_url(cfg: CurriculumConfig, store: str, stage: StageConfig | None = None) -> str:
-    """The mp4 shard root a stage reads: its own ``dataset`` (a URL, or a name under
-    ``{store}/shards``), else ``data.shards``, else ``{store}/shards/{data.dataset}``."""
-    if stage is not None and stage.dataset:
-        return stage.dataset if "/" in stage.dataset else join(store, "shards", stage.dataset)
-    return cfg.data.shards or join(store, "shards", cfg.data.dataset)
 
 
 class DatasetResolutionError(ValueError):

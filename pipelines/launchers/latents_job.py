@@ -23,7 +23,8 @@ def latents_command(
     config_path: str, stage: str, shards: str, splits: tuple[str, ...], parts: int, record_to: str
 ) -> list[str]:
     """The command each part runs, locally and in the Job's pods."""
-    words = ["python", "-m", "data_prep", "latents", "--config", config_path, "--stage", stage]
+    words = ["python", "-m", "pipelines.cli", "prep", "latents", "--config", config_path]
+    words += ["--stage", stage]
     words += ["--shards", shards, "--parts", str(parts), "--record-to", record_to]
     for split in splits:
         words += ["--split", split]

@@ -34,23 +34,24 @@ from typing import Any
 
 import torch
 
-from data_prep.config import PrepError
-from data_prep.shards import (
-    SHARD_GLOB,
-    STAGING_PREFIX,
-    is_local,
-    publish,
-    read_json,
-    tar_add,
-    write_json,
-)
 from mardini.autoencoder import Autoencoder, encode_pair, fingerprint
 from mardini.data.clips import ClipSpec, clip_info, decode_clip
 from mardini.data.latents import CACHE_RECORD, DTYPES, HI, LO, cache_url, to_npy
-from mardini.data.shards import list_shards, shard_samples
-from mardini.storage import filesystem, join
+from mardini.data.shards import (
+    SHARD_PATTERN,
+    STAGING_PREFIX,
+    list_shards,
+    shard_samples,
+    tar_add,
+)
+from mardini.storage import filesystem, is_local, join, publish, read_json, write_json
 
 log = logging.getLogger(__name__)
+
+
+class LatentCacheError(ValueError):
+    """A cache that cannot be written as asked (another dtype there, no shards, a bad part)."""
+
 
 ShardCallback = Callable[[str, int, bool], None]  # (shard URL, clips, skipped)
 
@@ -127,10 +128,12 @@ def cache_latents(
     shards); returns the ``latents.json`` record, with ``complete`` false when other parts are
     still missing."""
     if dtype not in DTYPES:
-        raise PrepError(f"latent dtype {dtype!r}: use one of {DTYPES}")
+        raise LatentCacheError(f"latent dtype {dtype!r}: use one of {DTYPES}")
     index, parts = part
     if not 0 <= index < parts:
-        raise PrepError(f"latent cache part {index} of {parts}: the index must be in [0, {parts})")
+        raise LatentCacheError(
+            f"latent cache part {index} of {parts}: the index must be in [0, {parts})"
+        )
     device = torch.device(device)
     autoencoder = autoencoder.to(device).eval()
     key = fingerprint(autoencoder, planner_downscale)
@@ -140,7 +143,7 @@ def cache_latents(
     fs, root = filesystem(url)
     if old is not None and old.get("dtype") != dtype:
         if not overwrite or parts > 1:  # parts must not delete each other's work
-            raise PrepError(
+            raise LatentCacheError(
                 f"{url} holds {old.get('dtype')} latents, asked for {dtype}: pass the same dtype, "
                 "or --overwrite to delete that cache first"
             )
@@ -148,7 +151,7 @@ def cache_latents(
 
     plan = {split: _split_shards(shards, split) for split in splits}
     if not any(plan.values()):
-        raise PrepError(
+        raise LatentCacheError(
             f"no mp4 shards under {shards}/{{{','.join(splits)}}}: run `mardini prep shard` first"
         )
     mine = {
@@ -241,7 +244,7 @@ def _remove_stale(url: str, split: str, keep: set[str]) -> None:
     """Delete latent shards of mp4 shards that no longer exist (the dataset was re-cut), and
     staging files a killed run left on a local disk."""
     fs, path = filesystem(join(url, split))
-    for found in fs.glob(join(path, SHARD_GLOB)) + fs.glob(join(path, STAGING_PREFIX + "*")):
+    for found in fs.glob(join(path, SHARD_PATTERN)) + fs.glob(join(path, STAGING_PREFIX + "*")):
         if posixpath.basename(found) not in keep:
             log.info("removing stale latent shard %s", found)
             fs.rm(found)
