@@ -27,7 +27,7 @@ from av.video.reformatter import VideoReformatter
 from data_prep.config import PrepConfig
 from data_prep.inputs import InputFile
 from data_prep.scenes import SceneCuts
-from mardini.storage import filesystem
+from mardini.storage import filesystem, is_local_url
 from mardini.x264 import x264_options
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ def _crop_i420(frame: av.VideoFrame, top: int, left: int, size: int) -> np.ndarr
 @contextlib.contextmanager
 def _source(url: str) -> Iterator[str | IO[bytes]]:
     """A local path as is; a remote URL as a seekable fsspec file (read in 8 MiB blocks)."""
-    if "://" not in url or url.startswith("file://"):
+    if is_local_url(url):
         yield url.removeprefix("file://")
         return
     fs, path = filesystem(url)

@@ -18,7 +18,7 @@ from einops import rearrange
 from torch import nn
 
 from mardini.config import AutoencoderConfig
-from mardini.storage import filesystem, retry
+from mardini.storage import filesystem, is_local_url, retry
 
 
 class Autoencoder(nn.Module):
@@ -106,7 +106,7 @@ def _load_pretrained(cls: type, url: str) -> nn.Module:
             "AutoencoderKL.save_pretrained, local or s3:// (hub ids are not fetched: no "
             "downloads at run time)"
         )
-    if "://" not in url or url.startswith("file://"):
+    if is_local_url(url):
         return cls.from_pretrained(path, local_files_only=True)
     with tempfile.TemporaryDirectory() as tmp:
         for remote in fs.find(path):

@@ -48,6 +48,9 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+from mardini.storage import is_local_url
+from mardini.train.tracking import mlflow_client
+
 log = logging.getLogger(__name__)
 
 TASKS = ("interpolate", "i2v", "expand", "long")
@@ -339,14 +342,13 @@ def registered_export(model_uri: str, tracking_uri: str | None = None) -> str:
     is downloaded). ``FileNotFoundError`` names the registry and what to check."""
     import mlflow
     from mlflow.models import Model
-    from mlflow.tracking import MlflowClient
 
     uri = tracking_uri or mlflow.get_tracking_uri()
     try:
-        # An explicit client, registry too: MLflow 3 resolves models:/ URIs in the *global*
-        # default registry (./mlflow.db), whatever tracking_uri it is given (seen in 3.17:
-        # `make demo` could not find its champion).
-        client = MlflowClient(uri, registry_uri=uri)
+        # An explicit client (registry too, see mlflow_client): MLflow 3 resolves models:/ URIs
+        # in the *global* default registry (./mlflow.db) otherwise (seen in 3.17: `make demo`
+        # could not find its champion).
+        client = mlflow_client(uri)
         name, _, ref = model_uri.removeprefix("models:/").partition("@")
         if ref:
             version = client.get_model_version_by_alias(name, ref).version
@@ -376,7 +378,7 @@ def registered_export(model_uri: str, tracking_uri: str | None = None) -> str:
 
 def _absolute(url: str) -> str:
     """``url`` with a local path made absolute, so the reference holds from any directory."""
-    if "://" in url and not url.startswith("file://"):
+    if not is_local_url(url):
         return url
     return str(Path(url.removeprefix("file://")).resolve())
 
@@ -453,12 +455,7 @@ def log_model(
     and, given ``registered_model_name``, register it as a new version. Reads only the export's
     ``config.json``. Returns ``models:/name/version`` when registered, else
     ``runs:/run_id/name``. Uses ``MlflowClient`` only: no global MLflow state is changed."""
-    from mlflow.tracking import MlflowClient
-
-    # registry_uri too: MLflow 3 resolves a client's registry from the *global* default
-    # (sqlite:///mlflow.db in the cwd), not from the tracking_uri given (seen here: `make demo`
-    # registered into ./mlflow.db and then could not find models:/mardini-tiny@champion).
-    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    client = mlflow_client(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         saved = Path(tmp) / "pyfunc"
         meta = save_reference(final_url, saved)
@@ -501,11 +498,9 @@ def register_model(
     aliases: tuple[str, ...] = (),
 ) -> str:
     """``log_model`` + register; points ``aliases`` at the new version and returns it."""
-    from mlflow.tracking import MlflowClient
-
     uri = log_model(final_url, registered_model_name, run_id=run_id, tracking_uri=tracking_uri)
     version = uri.rsplit("/", 1)[1]
-    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    client = mlflow_client(tracking_uri)
     for alias in aliases:
         client.set_registered_model_alias(registered_model_name, alias, version)
     return version

@@ -40,9 +40,14 @@ def filesystem(url: str, **options: Any) -> tuple[fsspec.AbstractFileSystem, str
         and os.environ.get("AWS_ENDPOINT_URL")
     ):
         options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
-    if "://" not in url or url.startswith("file://"):
+    if is_local_url(url):
         options.setdefault("auto_mkdir", True)  # object stores have no directories to make
     return url_to_fs(url, **options)
+
+
+def is_local_url(url: str) -> bool:
+    """Whether ``url`` names the local disk: a plain path or a ``file://`` URL."""
+    return "://" not in url or url.startswith("file://")
 
 
 def join(root: str, *parts: str) -> str:

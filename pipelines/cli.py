@@ -318,15 +318,13 @@ def promote(
             f"promoting by hand needs {', '.join(missing)}; or answer a waiting flow run "
             "with --approve / --reject"
         )
-    from mlflow.tracking import MlflowClient
-
-    from mardini.train.tracking import tracking_uri
+    from mardini.train.tracking import mlflow_client, tracking_uri
     from pipelines.promotion import promote as move_aliases
     from pipelines.promotion import registered_name
 
     uri = tracking_uri(store)
     aliases = move_aliases(
-        MlflowClient(uri, registry_uri=uri),
+        mlflow_client(uri),
         registered_name(curriculum),
         version,
         stage,

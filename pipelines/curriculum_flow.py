@@ -28,9 +28,9 @@ from prefect.runtime import deployment, flow_run
 from mardini.config import CurriculumConfig, ModelConfig, StageConfig, load_config
 from mardini.layout import final_url, stage_dir
 from mardini.progress import StageEvent, emit
-from mardini.storage import join, read_json, store_root
+from mardini.storage import is_local_url, join, read_json, store_root
 from mardini.train.checkpoint import read_final_meta
-from mardini.train.tracking import ensure_experiment, log_params, tracking_uri
+from mardini.train.tracking import ensure_experiment, log_params, mlflow_client, tracking_uri
 from pipelines.approval import (
     ApprovalTimedOut,
     PromotionRejected,
@@ -65,7 +65,8 @@ def resolve_config(config: str, overrides: list[str], store: str) -> tuple[Curri
     if not overrides:
         return cfg, config
     # Jobs read one file: the resolved config, kept with the runs so a rerun sees the same one.
-    root = store if "://" not in store else os.environ.get("TMPDIR", "/tmp")
+    local = is_local_url(store)
+    root = store.removeprefix("file://") if local else os.environ.get("TMPDIR", "/tmp")
     path = Path(root) / "runs" / cfg.name / "curriculum.resolved.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = cfg.model_dump(mode="json", exclude={"source"})
@@ -357,7 +358,7 @@ def register_candidate(
     name = registered_name(cfg.name)
     model_uri = log_model(final_url, registered_model_name=name, run_id=run_id, tracking_uri=uri)
     version = model_uri.rsplit("/", 1)[-1]  # models:/name/version
-    client = MlflowClient(uri, registry_uri=uri)
+    client = mlflow_client(uri)
     # A candidate still waiting for a decision from an ended flow run is replaced: say so.
     pending_version(client, name, stage, str(flow_run.get_id() or ""))
     client.set_registered_model_alias(name, f"{stage}-candidate", version)
@@ -414,7 +415,7 @@ def train_curriculum(
         )
     cfg, config_path = resolve_config(config, list(overrides or []), store)
     name = registered_name(cfg.name)
-    client = MlflowClient(uri, registry_uri=uri)
+    client = mlflow_client(uri)
     experiment_id = ensure_experiment(cfg.name, store, uri)
     this_run = str(flow_run.get_id() or "")
     # Created with the first stage that has work: a rerun that skips every stage adds no run.
@@ -722,7 +723,7 @@ def promote_checkpoint(
 ) -> list[str]:
     """Promote a registered version by hand: alias ``{stage}`` (and ``champion``)."""
     return promote(
-        MlflowClient(tracking_uri(), registry_uri=tracking_uri()),
+        mlflow_client(),
         registered_name(curriculum),
         version,
         stage,

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from mardini.storage import join, store_root
-from mardini.train.tracking import tracking_uri
+from mardini.storage import is_local_url, join, store_root
+from mardini.train.tracking import mlflow_client, tracking_uri
 from mardini.video import write_video
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ QUIET_ENV = {
 def log_file(store: str | None = None) -> Path:
     """A new log file for one demo run: ``{store}/logs/demo-<UTC time>.log`` on a local store."""
     root = store_root(store)
-    if "://" in root and not root.startswith("file://"):
+    if not is_local_url(root):
         root = "./.mardini"  # as tracking_uri does: a remote store keeps the log here
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     return Path(root.removeprefix("file://")) / "logs" / f"demo-{stamp}.log"
@@ -196,9 +196,7 @@ def write_summary(
 
 def champion_metrics(uri: str, name: str) -> dict[str, float]:
     """The held-out metrics logged to the run of the champion version of ``name``."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri, registry_uri=uri)
+    client = mlflow_client(uri)
     version = client.get_model_version_by_alias(name, "champion")
     if not version.run_id:
         return {}

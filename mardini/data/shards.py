@@ -19,7 +19,7 @@ from typing import Any
 
 import webdataset as wds
 
-from mardini.storage import filesystem, join
+from mardini.storage import filesystem, is_local_url, join
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def list_shards(shards: str, split: str) -> list[str]:
             f"(or `python -m data_prep`), or point data.shards / MARDINI_STORE at them"
         )
     # Local paths stay plain; remote ones get their protocol back (glob strips it).
-    urls = [p if "://" not in url else fs.unstrip_protocol(p) for p in found]
+    urls = [p if is_local_url(url) else fs.unstrip_protocol(p) for p in found]
     log.info("%d shards in %s", len(urls), url)
     return urls
 

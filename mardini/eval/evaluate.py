@@ -437,9 +437,10 @@ def log_to_mlflow(
     ``out_dir``'s files to ``run_id`` (or a new run ``eval-{stage}`` in ``experiment``); returns
     the run id."""
     from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    from mardini.train.tracking import mlflow_client
+
+    client = mlflow_client(tracking_uri)
     if run_id is None:
         from mardini.mlflow_model import experiment_id
 

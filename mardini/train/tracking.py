@@ -20,7 +20,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from mardini.storage import store_root
+from mardini.storage import is_local_url, store_root
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def tracking_uri(store: str | None = None) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     root = store_root(store)
-    if "://" in root and not root.startswith("file://"):
+    if not is_local_url(root):
         log.warning(
             "store %s is remote and MLFLOW_TRACKING_URI is unset: tracking to ./.mardini", root
         )
@@ -43,6 +43,17 @@ def tracking_uri(store: str | None = None) -> str:
     path = Path(root.removeprefix("file://")).resolve()
     path.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}/mlflow.db"
+
+
+def mlflow_client(uri: str | None = None) -> Any:
+    """An ``MlflowClient`` for tracking and the registry at ``uri`` (default ``tracking_uri()``).
+
+    The registry URI is given too: MLflow 3 takes a client's registry from the *global* default
+    (``sqlite:///mlflow.db`` in the working directory), not from the tracking URI given."""
+    from mlflow.tracking import MlflowClient
+
+    uri = uri or tracking_uri()
+    return MlflowClient(uri, registry_uri=uri)
 
 
 def ensure_experiment(name: str, store: str | None = None, uri: str | None = None) -> str:
