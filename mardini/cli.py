@@ -149,6 +149,7 @@ def eval_(
     """Evaluate a checkpoint on held-out clips: loss, PSNR/SSIM vs baselines, FVD, gates."""
     from mardini.config import load_config
     from mardini.eval import check_gates, run_evaluation
+    from mardini.eval.evaluate import stage_eval_settings
     from mardini.layout import final_url, shards_url
     from mardini.storage import store_root
 
@@ -174,16 +175,7 @@ def eval_(
         gates = st.gates
         data = data or shards_url(cfg, store_root(store), st)
         checkpoint = checkpoint or final_url(store_root(store), cfg.name, stage)
-        for key, value in {
-            "frames": st.frames,
-            "resolution": st.resolution,
-            "fps": st.fps,
-            "split": cfg.data.val_split,
-            "steps": cfg.sample.steps,
-            "solver": cfg.sample.solver,
-            "cfg_scale": cfg.sample.cfg_scale,
-            "seed": cfg.seed,
-        }.items():
+        for key, value in stage_eval_settings(cfg, stage).items():
             if settings.get(key) is None:
                 settings[key] = value
     if checkpoint is None or data is None:

@@ -210,6 +210,118 @@ def _batches(data: str, s: EvalSettings) -> Iterator[torch.Tensor]:
             return
 
 
+@dataclass
+class _Tally:
+    """What an evaluation gathers over the held-out batches."""
+
+    means: dict[str, _FrameMeans] = field(default_factory=dict)
+    # FVD embeddings per clip set: "real", each task's samples, "{baseline}:{task}".
+    feats: dict[str, list[torch.Tensor]] = field(default_factory=lambda: {"real": []})
+    # Sample grids: name -> per batch, the columns (B T 3 H W each).
+    shown: dict[str, list[list[torch.Tensor]]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TASKS, 0.0))
+    generated: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TASKS, 0))
+    loss_sum: float = 0.0
+    clips: int = 0
+
+    def track(self, name: str, values_BT: torch.Tensor, generated_BT: torch.Tensor) -> None:
+        """Add per-frame values of metric ``name``; only generated frames count."""
+        self.means.setdefault(name, _FrameMeans()).add(values_BT.cpu(), generated_BT.cpu())
+
+
+def _reconstruct(model: MarDini, video: torch.Tensor, tally: _Tally, room: int) -> None:
+    """An autoencoder stage: every frame through the autoencoder and back."""
+    b, frames = video.shape[:2]
+    recon = model.autoencoder.decode(model.autoencoder.encode(video)).clamp(-1, 1)
+    everything = torch.ones(b, frames, dtype=torch.bool)
+    tally.track("ae_psnr", psnr(recon, video), everything)
+    tally.track("ae_ssim", ssim(recon, video), everything)
+    if room:
+        tally.shown.setdefault("ae", []).append([video[:room].cpu(), recon[:room].cpu()])
+
+
+def _generate_task(
+    model: MarDini,
+    meta: dict[str, Any],
+    video: torch.Tensor,
+    task: str,
+    index: int,
+    s: EvalSettings,
+    tally: _Tally,
+    i3d: Any,
+    room: int,
+) -> None:
+    """One task (``interp`` | ``i2v``) on one batch: the sample and the one-call estimate,
+    scored beside every baseline on the generated frames; FVD embeddings; grid columns."""
+    b, frames = video.shape[:2]
+    mask = TASKS[task](frames, b)
+    start = time.perf_counter()
+    sample = model.sample(
+        video,
+        mask.to(video.device),
+        steps=s.steps,
+        solver=s.solver,
+        cfg_scale=s.cfg_scale if task == "i2v" else 1.0,
+        kind=sample_kind(meta),
+        generator=torch.Generator().manual_seed(s.seed + index),
+    )
+    tally.seconds[task] += time.perf_counter() - start
+    tally.generated[task] += int((~mask).sum())
+    tally.track(f"{task}_psnr", psnr(sample, video), ~mask)
+    tally.track(f"{task}_ssim", ssim(sample, video), ~mask)
+    # One model call from noise: the model's expected frames, before sampling.
+    estimate = model.predict_x0(
+        video,
+        mask.to(video.device),
+        kind=sample_kind(meta),
+        generator=torch.Generator().manual_seed(s.seed + index),
+    )
+    tally.track(f"{task}_x0_psnr", psnr(estimate, video), ~mask)
+    columns = [video.cpu()]
+    for base in BASELINES:
+        filled = baseline(video.cpu(), mask, base)
+        tally.track(f"baseline_{base}_{task}_psnr", psnr(filled, video.cpu()), ~mask)
+        tally.track(f"baseline_{base}_{task}_ssim", ssim(filled, video.cpu()), ~mask)
+        if i3d is not None:
+            # Image-to-video's blend is the nearest frame's copy: embed it once.
+            same = len(columns) > 1 and torch.equal(filled, columns[-1])
+            emb = tally.feats[f"{BASELINES[0]}:{task}"][-1] if same else i3d(filled)
+            tally.feats.setdefault(f"{base}:{task}", []).append(emb)
+        columns.append(filled)
+    columns.append(sample.cpu())
+    if room:
+        tally.shown.setdefault(task, []).append([c[:room] for c in columns])
+    if i3d is not None:
+        tally.feats.setdefault(task, []).append(i3d(sample))
+
+
+def _metrics(
+    tally: _Tally, kind: str, sampling: bool, embedding: str | None, frames: int
+) -> tuple[dict[str, float], dict[str, list[float | None]], dict[str, str]]:
+    """The metrics, their per-frame curves, and why each known metric that is missing is."""
+    metrics: dict[str, float] = {}
+    unavailable: dict[str, str] = {}
+    if kind != "autoencoder":
+        metrics["heldout_loss"] = tally.loss_sum / tally.clips
+    for name, acc in tally.means.items():
+        metrics[name] = acc.mean()
+    per_frame = {name: acc.per_frame() for name, acc in tally.means.items()}
+    if sampling:
+        for task in TASKS:
+            metrics[f"{task}_seconds_per_frame"] = tally.seconds[task] / max(
+                1, tally.generated[task]
+            )
+        fvd, why = _fvd(tally.feats, tally.clips, embedding)
+        metrics.update(fvd)
+        unavailable.update(why)
+        if fvd:
+            metrics["fvd_clips"], metrics["fvd_frames"] = tally.clips, frames
+    for name in known_metrics():
+        if name not in metrics and name not in unavailable:
+            unavailable[name] = f"not available: {_why_missing(name, kind)}"
+    return metrics, per_frame, unavailable
+
+
 @torch.no_grad()
 def evaluate(
     model: MarDini, meta: dict[str, Any], data: str, settings: EvalSettings | None = None
@@ -222,105 +334,31 @@ def evaluate(
     i3d_path = s.i3d or os.environ.get("MARDINI_I3D") or None
     sampling = kind in ("dm", "joint")
     i3d, embedding = fvd_embedder(i3d_path, device) if sampling else (None, "")
-
-    loss_sum, clips = 0.0, 0
-    means: dict[str, _FrameMeans] = {}
-    seconds: dict[str, float] = {t: 0.0 for t in TASKS}
-    generated: dict[str, int] = {t: 0 for t in TASKS}
-    # Embeddings per clip set: "real", each task's samples, and "{base}:{task}" baselines.
-    feats: dict[str, list[torch.Tensor]] = {"real": []}
-    shown: dict[str, list[list[torch.Tensor]]] = {}  # task -> per batch, columns B T 3 H W
-    shown_clips = 0
-
-    def track(name: str, values_BT: torch.Tensor, generated_BT: torch.Tensor) -> None:
-        means.setdefault(name, _FrameMeans()).add(values_BT.cpu(), generated_BT.cpu())
-
+    tally = _Tally()
+    frames = s.frames
     for index, video in enumerate(_batches(data, s)):
         b, frames = video.shape[:2]
         video = video.to(device)
-        clips += b
-        room = max(0, s.samples - shown_clips)
+        room = max(0, s.samples - tally.clips)  # clips still to show in the sample grids
+        tally.clips += b
         if kind == "autoencoder":
-            recon = model.autoencoder.decode(model.autoencoder.encode(video)).clamp(-1, 1)
-            everything = torch.ones(b, frames, dtype=torch.bool)
-            track("ae_psnr", psnr(recon, video), everything)
-            track("ae_ssim", ssim(recon, video), everything)
-            if room:
-                shown.setdefault("ae", []).append([video[:room].cpu(), recon[:room].cpu()])
+            _reconstruct(model, video, tally, room)
         else:
-            loss = batch_heldout_loss(model, video, kind, index, GRID, s.seed)
-            loss_sum += b * loss
+            tally.loss_sum += b * batch_heldout_loss(model, video, kind, index, GRID, s.seed)
         if sampling:
             if i3d is not None:
-                feats["real"].append(i3d(video))
-            for task, make_mask in TASKS.items():
-                mask = make_mask(frames, b)
-                gen = torch.Generator().manual_seed(s.seed + index)
-                start = time.perf_counter()
-                sample = model.sample(
-                    video,
-                    mask.to(device),
-                    steps=s.steps,
-                    solver=s.solver,
-                    cfg_scale=s.cfg_scale if task == "i2v" else 1.0,
-                    kind=sample_kind(meta),
-                    generator=gen,
-                )
-                seconds[task] += time.perf_counter() - start
-                generated[task] += int((~mask).sum())
-                track(f"{task}_psnr", psnr(sample, video), ~mask)
-                track(f"{task}_ssim", ssim(sample, video), ~mask)
-                # One model call from noise: the model's expected frames, before sampling.
-                estimate = model.predict_x0(
-                    video,
-                    mask.to(device),
-                    kind=sample_kind(meta),
-                    generator=torch.Generator().manual_seed(s.seed + index),
-                )
-                track(f"{task}_x0_psnr", psnr(estimate, video), ~mask)
-                columns = [video.cpu()]
-                for base in BASELINES:
-                    filled = baseline(video.cpu(), mask, base)
-                    track(f"baseline_{base}_{task}_psnr", psnr(filled, video.cpu()), ~mask)
-                    track(f"baseline_{base}_{task}_ssim", ssim(filled, video.cpu()), ~mask)
-                    if i3d is not None:
-                        # Image-to-video's blend is the nearest frame's copy: embed it once.
-                        same = len(columns) > 1 and torch.equal(filled, columns[-1])
-                        emb = feats[f"{BASELINES[0]}:{task}"][-1] if same else i3d(filled)
-                        feats.setdefault(f"{base}:{task}", []).append(emb)
-                    columns.append(filled)
-                columns.append(sample.cpu())
-                if room:
-                    shown.setdefault(task, []).append([c[:room] for c in columns])
-                if i3d is not None:
-                    feats.setdefault(task, []).append(i3d(sample))
-        shown_clips += min(room, b)
-        log.info("evaluated %d clips", clips)
-
-    if clips == 0:
+                tally.feats["real"].append(i3d(video))
+            for task in TASKS:
+                _generate_task(model, meta, video, task, index, s, tally, i3d, room)
+        log.info("evaluated %d clips", tally.clips)
+    if tally.clips == 0:
         raise ValueError(f"no clips in {data}/{s.split}: nothing to evaluate")
-    metrics: dict[str, float] = {}
-    per_frame: dict[str, list[float | None]] = {}
-    unavailable: dict[str, str] = {}
-    if kind != "autoencoder":
-        metrics["heldout_loss"] = loss_sum / clips
-    for name, acc in means.items():
-        metrics[name] = acc.mean()
-        per_frame[name] = acc.per_frame()
-    if sampling:
-        for task in TASKS:
-            metrics[f"{task}_seconds_per_frame"] = seconds[task] / max(1, generated[task])
-        fvd, why = _fvd(feats, clips, embedding if i3d is None else None)
-        metrics.update(fvd)
-        unavailable.update(why)
-        if fvd:
-            metrics["fvd_clips"], metrics["fvd_frames"] = clips, frames
-    for name in known_metrics():
-        if name not in metrics and name not in unavailable:
-            unavailable[name] = f"not available: {_why_missing(name, kind)}"
+    metrics, per_frame, unavailable = _metrics(
+        tally, kind, sampling, embedding if i3d is None else None, frames
+    )
     grids = {
         task: _grid(task, [torch.cat(col) for col in zip(*parts, strict=True)])
-        for task, parts in shown.items()
+        for task, parts in tally.shown.items()
     }
     settings_dict = {**asdict(s), "i3d": i3d_path, "timestep_grid": list(GRID)}
     if i3d is not None:
@@ -329,7 +367,7 @@ def evaluate(
         checkpoint=str(meta.get("source", meta.get("final_url", "?"))),
         stage=str(meta.get("stage", "?")),
         kind=kind,
-        clips=clips,
+        clips=tally.clips,
         metrics=metrics,
         unavailable=unavailable,
         per_frame=per_frame,

@@ -16,7 +16,7 @@ import torch
 
 from mardini.config import CurriculumConfig, StageConfig
 from mardini.data.augment import augment_clips
-from mardini.eval.evaluate import EvalSettings, evaluate
+from mardini.eval.evaluate import EvalSettings, evaluate, stage_eval_settings
 from mardini.layout import shards_url
 from mardini.masking import MaskSampler
 from mardini.models import MarDini, build_model
@@ -133,17 +133,6 @@ def evaluate_held_out(
 ) -> dict[str, float]:
     """``mardini eval``'s metrics of ``model`` on the held-out split, at the stage's frames,
     resolution and fps and the config's sampler."""
-    settings = EvalSettings(
-        frames=stage.frames,
-        resolution=stage.resolution,
-        fps=stage.fps,
-        split=cfg.data.val_split,
-        max_clips=clips,
-        steps=cfg.sample.steps,
-        solver=cfg.sample.solver,
-        cfg_scale=cfg.sample.cfg_scale,
-        seed=cfg.seed,
-        samples=0,
-    )
+    settings = EvalSettings(**stage_eval_settings(cfg, stage.name), max_clips=clips, samples=0)
     meta = {"kind": stage.kind, "stage": stage.name}
     return evaluate(model, meta, shards_url(cfg, store, stage), settings).metrics
