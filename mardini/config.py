@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -305,6 +305,19 @@ class GateConfig(_Strict):
         return self
 
 
+# The one table of stage kinds: what each trains, and so exports as its contribution (a later
+# stage's init_from takes these parts from it). The model's, the trainer's and the FLOP
+# counter's lists of kinds come from here.
+TRAINED_PARTS: dict[str, tuple[str, ...]] = {
+    "autoencoder": ("autoencoder",),
+    "mar": ("planner", "planner_head"),
+    "dm": ("generator",),
+    "joint": ("planner", "generator"),
+}
+StageKind = Literal["autoencoder", "mar", "dm", "joint"]
+assert set(get_args(StageKind)) == set(TRAINED_PARTS), "StageKind and TRAINED_PARTS differ"
+
+
 class StageConfig(_Strict):
     """One curriculum stage: one training job with its own data shape, masks and gates."""
 
@@ -316,7 +329,7 @@ class StageConfig(_Strict):
         return data
 
     name: str
-    kind: Literal["autoencoder", "mar", "dm", "joint"]
+    kind: StageKind
     # Earlier stages (or models:/name@alias URIs) whose final weights initialise this one, in
     # order: a joint stage starts from the planner of `mar` and the generator of `dm`.
     init_from: list[str] = Field(default_factory=list)

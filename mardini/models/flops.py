@@ -25,14 +25,11 @@ from collections.abc import Mapping
 
 import torch
 
-from mardini.config import ModelConfig
+from mardini.config import TRAINED_PARTS, ModelConfig
 
-# Parts each stage kind runs (and trains), as in MarDini.forward and the trainer.
-KIND_PARTS: dict[str, tuple[str, ...]] = {
-    "mar": ("planner", "planner_head"),
-    "dm": ("generator",),
-    "joint": ("planner", "generator"),
-}
+# Parts each stage kind runs (and trains), as in MarDini.forward and the trainer; the
+# autoencoder stage's FLOPs are not counted.
+KIND_PARTS = {kind: parts for kind, parts in TRAINED_PARTS.items() if kind != "autoencoder"}
 _TIME_FREQ = 256  # TimestepEmbedding's sinusoidal features
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by a substring of the CUDA device name;

@@ -20,12 +20,13 @@ from einops import rearrange
 from torch import nn
 
 from mardini.autoencoder import build_autoencoder, encode_pair
-from mardini.config import ModelConfig
+from mardini.config import TRAINED_PARTS, ModelConfig
 from mardini.diffusion import build_schedule, masked_mse, sample_loop
 from mardini.models.generator import Generator
 from mardini.models.planner import DiffusionHead, Planner, ProjectionHead, patchify
 
-KINDS = ("mar", "dm", "joint")
+# The kinds forward() trains through the diffusion models (``autoencoder`` trains itself).
+KINDS = tuple(kind for kind in TRAINED_PARTS if kind != "autoencoder")
 
 
 def _randn(shape, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -34,14 +34,6 @@ from mardini.storage import filesystem, join, retry
 
 log = logging.getLogger(__name__)
 
-# Which parts of MarDini each stage kind trains (and so exports as its contribution).
-TRAINED_PARTS: dict[str, tuple[str, ...]] = {
-    "autoencoder": ("autoencoder",),
-    "mar": ("planner", "planner_head"),
-    "dm": ("generator",),
-    "joint": ("planner", "generator"),
-}
-
 
 def fault_point(point: str) -> None:
     """Test hook: ``MARDINI_FAULT=<point>:<rank>`` SIGKILLs that rank at that point (e.g.

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from mardini.config import CurriculumConfig, StageConfig
+from mardini.config import TRAINED_PARTS, CurriculumConfig, StageConfig
 from mardini.data.augment import augment_clips, reverse_some
 from mardini.layout import shards_url, stage_dir
 from mardini.masking import MaskSampler
@@ -36,7 +36,6 @@ from mardini.models.flops import KIND_PARTS, mfu, train_flops
 from mardini.progress import step_line
 from mardini.storage import join, store_root
 from mardini.train.checkpoint import (
-    TRAINED_PARTS,
     CheckpointManager,
     export_final,
     fault_point,

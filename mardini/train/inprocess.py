@@ -14,13 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from mardini.config import CurriculumConfig, StageConfig
+from mardini.config import TRAINED_PARTS, CurriculumConfig, StageConfig
 from mardini.data.augment import augment_clips
 from mardini.eval.evaluate import EvalSettings, evaluate, stage_eval_settings
 from mardini.layout import shards_url
 from mardini.masking import MaskSampler
 from mardini.models import MarDini, build_model
-from mardini.train.checkpoint import TRAINED_PARTS
 from mardini.train.engine import (
     freeze_for,
     lr_lambda,
