@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     rank = os.environ.get("RANK", "0")
+    # torch.distributed's deprecation notices, once per rank and step, bury the training log.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     logging.basicConfig(
         level=logging.INFO if rank == "0" else logging.WARNING,
         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",

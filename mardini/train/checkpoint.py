@@ -22,6 +22,8 @@ import os
 import re
 import shutil
 import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,18 +54,41 @@ def fault_point(point: str) -> None:
         os.kill(os.getpid(), sig)
 
 
-class CheckpointManager:
-    """Save/resume DeepSpeed checkpoints to ``{stage_dir}/checkpoints`` on any fsspec store."""
+@dataclass
+class TrainState:
+    """What a checkpoint restores besides the engine's own state (model, optimizer and LR
+    schedule, in DeepSpeed's ZeRO-3 partitions): the step reached, the stage's MLflow run, and
+    this rank's loader lanes (their data position and shuffle RNG, ``mardini.data.loader``).
+    A step's noise, masks and augmentation are drawn from (seed, rank, step), so there is no
+    other RNG state to save."""
 
-    def __init__(self, stage_url: str, rank: int, world_size: int, keep: int = 2):
+    step: int = 0
+    mlflow_run_id: str | None = None
+    # lane -> lane state; the loader keeps it current as it hands out batches.
+    loader: dict[int, Any] = field(default_factory=dict)
+
+
+class CheckpointManager:
+    """Save/resume DeepSpeed checkpoints to ``{stage_dir}/checkpoints`` on any fsspec store,
+    every ``every`` steps and/or ``every_minutes`` minutes, at the last step, and when asked to
+    stop; with the ``TrainState`` of each rank."""
+
+    def __init__(
+        self,
+        stage_url: str,
+        rank: int,
+        world_size: int,
+        keep: int = 2,
+        every: int = 50,
+        every_minutes: float | None = None,
+    ):
         self.root = join(stage_url, "checkpoints")
         self.rank, self.world_size, self.keep = rank, world_size, keep
+        self.every = every
+        self.every_s = 60 * every_minutes if every_minutes else None
+        self.last_saved = time.monotonic()
         self.fs, self.path = filesystem(self.root)
         self.local = Path(tempfile.mkdtemp(prefix=f"mardini-ckpt-r{rank}-"))
-        # This rank's own plain-data state (its data loader's lane positions), saved beside its
-        # partitions at every save as rank_{rank}_state.json. DeepSpeed's client_state is
-        # written by rank 0 only, so it cannot hold what differs between ranks.
-        self.rank_state: dict[str, Any] = {}
 
     def latest(self) -> str | None:
         """The tag (``step-N``) of the newest complete checkpoint, or None."""
@@ -74,13 +99,33 @@ class CheckpointManager:
             return None
         return text.decode().strip() or None
 
-    def save(self, engine, step: int, client_state: dict[str, Any]) -> str:
-        """Save every rank's shard, upload it, and commit ``latest`` once all ranks uploaded."""
-        tag = f"step-{step}"
+    def start_clock(self) -> None:
+        """Time-based checkpoints count from now (training starts; setting up does not count)."""
+        self.last_saved = time.monotonic()
+
+    def clock_due(self) -> bool:
+        """Whether rank 0's clock says a time-based checkpoint is due (False on other ranks: the
+        trainer shares rank 0's answer, since every rank must save the same steps)."""
+        if self.rank != 0 or self.every_s is None:
+            return False
+        return time.monotonic() - self.last_saved >= self.every_s
+
+    def due(self, step: int, last_step: int, stopping: bool = False, clock: bool = False) -> bool:
+        """Whether to save after ``step``: its cadence, the last step, a stop, or the clock."""
+        return step % self.every == 0 or step == last_step or stopping or clock
+
+    def save(self, engine, state: TrainState) -> str:
+        """Save every rank's shard and ``TrainState``, upload them, and commit ``latest`` once
+        all ranks uploaded."""
+        tag = f"step-{state.step}"
         local = self.local / "save"
         shutil.rmtree(local, ignore_errors=True)
-        engine.save_checkpoint(str(local), tag=tag, client_state=client_state, save_latest=False)
-        (local / tag / rank_state_name(self.rank)).write_text(json.dumps(self.rank_state))
+        # DeepSpeed's client_state is written by rank 0 only: what differs between ranks (the
+        # loader's lanes) goes beside each rank's partitions as rank_{rank}_state.json.
+        shared = {"step": state.step, "mlflow_run_id": state.mlflow_run_id}
+        engine.save_checkpoint(str(local), tag=tag, client_state=shared, save_latest=False)
+        own = {"loader": state.loader}
+        (local / tag / rank_state_name(self.rank)).write_text(json.dumps(own))
         ok = 1
         try:
             for file in sorted((local / tag).rglob("*")):
@@ -106,9 +151,10 @@ class CheckpointManager:
                 lambda: self.fs.pipe_file(f"{self.path}/latest", tag.encode()),
                 f"writing {self.path}/latest",
             )
-            self._prune(step)
+            self._prune(state.step)
         dist.barrier()
         shutil.rmtree(local, ignore_errors=True)
+        self.last_saved = time.monotonic()
         log.info("checkpoint %s committed to %s", tag, self.root)
         return tag
 
@@ -128,9 +174,9 @@ class CheckpointManager:
             if s not in keep and s < step:
                 self.fs.rm(f"{self.path}/step-{s}", recursive=True)
 
-    def load(self, engine, tag: str) -> dict[str, Any]:
-        """Download this rank's files of checkpoint ``tag`` and load model, optimizer and LR
-        schedule into ``engine``."""
+    def restore(self, engine, tag: str) -> TrainState:
+        """Download this rank's files of checkpoint ``tag``, load model, optimizer and LR
+        schedule into ``engine``, and return the ``TrainState`` saved with them."""
         local = self.local / "load"
         shutil.rmtree(local, ignore_errors=True)
         (local / tag).mkdir(parents=True)
@@ -140,14 +186,19 @@ class CheckpointManager:
             target = local / tag / file[len(remote) :].lstrip("/")
             target.parent.mkdir(parents=True, exist_ok=True)
             retry(lambda f=file, t=target: self.fs.get_file(f, str(t)), f"download of {file}")
-        path, client_state = engine.load_checkpoint(str(local), tag=tag)
+        path, shared = engine.load_checkpoint(str(local), tag=tag)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {remote}")
-        own = local / tag / rank_state_name(self.rank)
+        own_file = local / tag / rank_state_name(self.rank)
         # Checkpoints written before rank states existed have none: the loader then replays.
-        self.rank_state = json.loads(own.read_text()) if own.exists() else {}
+        own = json.loads(own_file.read_text()) if own_file.exists() else {}
         shutil.rmtree(local, ignore_errors=True)
-        return client_state or {}
+        shared = shared or {}
+        return TrainState(
+            step=int(shared["step"]),
+            mlflow_run_id=shared.get("mlflow_run_id"),
+            loader={int(k): v for k, v in own.get("loader", {}).items()},
+        )
 
 
 def rank_files(listing: list[str], rank: int, world_size: int, where: str) -> list[str]:
@@ -168,7 +219,7 @@ def rank_files(listing: list[str], rank: int, world_size: int, where: str) -> li
 
 
 def rank_state_name(rank: int) -> str:
-    """The file of a checkpoint that holds ``rank``'s own state (``CheckpointManager.rank_state``)."""
+    """The file of a checkpoint that holds ``rank``'s own part of its ``TrainState``."""
     return f"rank_{rank}_state.json"
 
 

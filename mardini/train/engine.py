@@ -18,10 +18,10 @@ import resource
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -37,6 +37,7 @@ from mardini.progress import step_line
 from mardini.storage import join, store_root
 from mardini.train.checkpoint import (
     CheckpointManager,
+    TrainState,
     export_final,
     fault_point,
     load_init,
@@ -338,7 +339,6 @@ def train_stage(
     """Train ``stage_name`` of ``cfg`` to its last step (resuming if a checkpoint exists)."""
     import deepspeed
 
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     stage = cfg.stage(stage_name)
     store = store_root(store)
     rank, world, device = init_distributed()
@@ -349,7 +349,14 @@ def train_stage(
 
     # A stage that has a checkpoint resumes from it: every weight, frozen ones included, is in
     # there, so init_from exports are not read again (each rank would download them whole).
-    ckpt = CheckpointManager(url, rank, world, keep=stage.keep_checkpoints)
+    ckpt = CheckpointManager(
+        url,
+        rank,
+        world,
+        keep=stage.keep_checkpoints,
+        every=stage.checkpoint_every,
+        every_minutes=stage.checkpoint_every_minutes,
+    )
     tag = ckpt.latest()
     # Identical initial weights on every rank before ZeRO-3 partitions them.
     torch.manual_seed(cfg.seed)
@@ -383,7 +390,7 @@ def train_stage(
         config=deepspeed_config(stage, on_gpu),
     )
 
-    start_step, run_id = 0, None
+    state = TrainState()
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if restarts and rank == 0:
         log.warning(
@@ -391,10 +398,9 @@ def train_stage(
             "checkpoint", restarts, os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?"),
         )  # fmt: skip
     if tag is not None:
-        state = ckpt.load(engine, tag)
-        start_step, run_id = int(state["step"]), state.get("mlflow_run_id")
+        state = ckpt.restore(engine, tag)
         if rank == 0:
-            log.info("resumed %s/%s from %s at step %d", cfg.name, stage.name, tag, start_step)
+            log.info("resumed %s/%s from %s at step %d", cfg.name, stage.name, tag, state.step)
 
     tracker = Tracker(enabled=rank == 0)
     run_id = tracker.start(
@@ -407,9 +413,10 @@ def train_stage(
             "kind": stage.kind,
             "git_commit": git_commit(),
         },
-        run_id=run_id,
+        run_id=state.mlflow_run_id,
         parent_run_id=parent_run_id or os.environ.get("MARDINI_PARENT_RUN_ID"),
     )
+    state.mlflow_run_id = run_id if rank == 0 else None
     if rank == 0:
         tracker.params(
             {
@@ -427,16 +434,14 @@ def train_stage(
             if config_path and Path(config_path).is_file():
                 tracker.artifact(config_path, "config")
 
-    # The loader's lane positions: restored from this rank's checkpoint state, kept current
-    # by the loader and saved by the checkpoint manager with every checkpoint.
-    lane_states = {int(k): v for k, v in ckpt.rank_state.get("loader", {}).items()}
-    ckpt.rank_state = {"loader": lane_states}
-    batches = train_batches(cfg, stage, store, rank, world, start_step, source, lane_states, device)
+    # The loader keeps its lanes' positions current in state.loader, which every checkpoint
+    # saves (restored above on a resume).
+    batches = train_batches(
+        cfg, stage, store, rank, world, state.step, source, state.loader, device
+    )
+    trainer = Trainer(cfg, stage, engine, scheduler, batches, ckpt, tracker, state, device)
     try:
-        losses = _loop(
-            engine, scheduler, cfg, stage, batches, rank, world, device, start_step, ckpt,
-            tracker, StopRequest(),
-        )  # fmt: skip
+        losses = trainer.fit(StopRequest())
     except BaseException as exc:
         # The run says how the stage ended (a restart resumes it and sets it running again).
         tracker.end("KILLED" if isinstance(exc, Stopped | KeyboardInterrupt) else "FAILED")
@@ -465,102 +470,142 @@ def train_stage(
     return StageResult(stage.name, stage.steps, final_url, run_id, losses)
 
 
-def _loop(
-    engine, scheduler, cfg, stage, batches, rank, world, device, start_step, ckpt, tracker, stop
-) -> dict[int, float]:
-    """The training loop from ``start_step`` to ``stage.steps``; returns rank 0's losses. When
-    ``stop`` (a ``StopRequest``) has seen SIGTERM on any rank, every rank saves after the
-    current step and ``Stopped`` is raised."""
-    masks = MaskSampler(stage.mask.tasks, stage.mask.keep)
-    dtype = torch.bfloat16 if uses_bf16(stage, device.type == "cuda") else torch.float32
-    tokens = tokens_per_sample(engine.module, stage)
-    flops = flops_per_sample(engine.module, stage)
-    samples_per_step = stage.micro_batch * stage.grad_accum * world
-    progress = _Progress(rank == 0, stage, start_step)
-    losses: dict[int, float] = {}
-    engine.train()
-    tick, last_logged = time.perf_counter(), start_step
-    last_saved = time.monotonic()
-    save_interval_s = (
-        60 * stage.checkpoint_every_minutes if stage.checkpoint_every_minutes else None
-    )
-    for step in range(start_step, stage.steps):
+class Trainer:
+    """One stage's training over a DeepSpeed engine: ``train_step`` runs one optimizer step
+    (``grad_accum`` micro-batches) and returns the loss averaged over ranks; ``fit`` runs the
+    steps from ``state.step`` to the stage's last, logs, and saves when the checkpoint manager
+    says a checkpoint is due. ``state`` is what a checkpoint restores besides the engine."""
+
+    def __init__(
+        self,
+        cfg: CurriculumConfig,
+        stage: StageConfig,
+        engine,
+        scheduler,
+        batches: Iterator,
+        ckpt: CheckpointManager,
+        tracker: Tracker,
+        state: TrainState,
+        device: torch.device,
+    ):
+        self.cfg, self.stage, self.engine, self.scheduler = cfg, stage, engine, scheduler
+        self.batches, self.ckpt, self.tracker, self.state = batches, ckpt, tracker, state
+        self.device = device
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.masks = MaskSampler(stage.mask.tasks, stage.mask.keep)
+        self.dtype = torch.bfloat16 if uses_bf16(stage, device.type == "cuda") else torch.float32
+        self.kwargs: dict[str, Any] = {}
+        if stage.kind not in ("autoencoder", "mar") and stage.generator_attention:
+            self.kwargs["attention"] = stage.generator_attention
+
+    def _micro_batch(self, gen: torch.Generator) -> tuple[Any, torch.Tensor, dict[str, Any]]:
+        """The next clips (or cached latents), augmented, on the device, and their masks."""
+        item = next(self.batches)
+        kwargs = dict(self.kwargs)
+        if self.stage.kind != "autoencoder":
+            kwargs["generator"] = gen
+        if isinstance(item, tuple):  # cached latents: the autoencoder is skipped
+            hi, lo = (z.to(device=self.device, dtype=self.dtype, non_blocking=True) for z in item)
+            if self.cfg.data.augment:
+                hi, lo = reverse_some(hi, lo, gen)
+            video, kwargs["latents"], (b, t) = None, (hi, lo), hi.shape[:2]
+        else:
+            if self.cfg.data.augment:
+                item = augment_clips(item, gen)
+            video = item.to(device=self.device, dtype=self.dtype, non_blocking=True)
+            b, t = video.shape[:2]
+        return video, self.masks.sample(b, t, generator=gen).to(self.device), kwargs
+
+    def train_step(self, stop: StopRequest) -> tuple[float, bool, bool]:
+        """One optimizer step at ``state.step``; returns the loss averaged over ranks, whether
+        any rank was asked to stop, and whether rank 0's clock says a checkpoint is due (one
+        all-reduce carries all three: every rank must stop and save at the same step)."""
+        step, stage = self.state.step, self.stage
         fault_point(f"step:{step}")
-        gen = step_generator(cfg.seed, rank, step)
-        total = torch.zeros((), device=device)
+        gen = step_generator(self.cfg.seed, self.rank, step)
+        total = torch.zeros((), device=self.device)
         for _ in range(stage.grad_accum):
-            item = next(batches)
-            kwargs = {"generator": gen} if stage.kind != "autoencoder" else {}
-            if isinstance(item, tuple):  # cached latents: the autoencoder is skipped
-                hi, lo = (z.to(device=device, dtype=dtype, non_blocking=True) for z in item)
-                if cfg.data.augment:
-                    hi, lo = reverse_some(hi, lo, gen)
-                video, kwargs["latents"], (b, t) = None, (hi, lo), hi.shape[:2]
-            else:
-                if cfg.data.augment:
-                    item = augment_clips(item, gen)
-                video = item.to(device=device, dtype=dtype, non_blocking=True)
-                b, t = video.shape[:2]
-            mask = masks.sample(b, t, generator=gen).to(device)
-            if stage.kind not in ("autoencoder", "mar") and stage.generator_attention:
-                kwargs["attention"] = stage.generator_attention
-            loss = engine(video, mask, kind=stage.kind, **kwargs)["loss"]
-            engine.backward(loss)
-            engine.step()
+            video, mask, kwargs = self._micro_batch(gen)
+            loss = self.engine(video, mask, kind=stage.kind, **kwargs)["loss"]
+            self.engine.backward(loss)
+            self.engine.step()
             total += loss.detach().float() / stage.grad_accum
-        # One all-reduce carries the loss, whether any rank was asked to stop, and whether rank
-        # 0's clock says a checkpoint is due (every rank must save the same steps).
-        time_due = rank == 0 and save_interval_s is not None
-        time_due = time_due and time.monotonic() - last_saved >= save_interval_s
-        flags = torch.tensor([float(stop.requested), float(time_due)], device=device)
+        flags = torch.tensor(
+            [float(stop.requested), float(self.ckpt.clock_due())], device=self.device
+        )
         both = torch.cat([total[None], flags])
         dist.all_reduce(both)
-        mean_loss, stopping, time_due = (
-            both[0].item() / world,
-            both[1].item() > 0,
-            both[2].item() > 0,
-        )
+        mean_loss = both[0].item() / self.world
         if not math.isfinite(mean_loss):
             raise NonFiniteLossError(
                 f"stage {stage.name!r}: non-finite loss {mean_loss} at step {step + 1}; lower "
-                f"stages.{stage.name}.optimizer.lr or check the data (last good checkpoint: {ckpt.latest()})"
+                f"stages.{stage.name}.optimizer.lr or check the data (last good checkpoint: "
+                f"{self.ckpt.latest()})"
             )
-        done = step + 1
-        losses[done] = mean_loss
-        if rank == 0 and (
-            done % stage.log_every == 0 or done == stage.steps or done == start_step + 1
-        ):
-            now = time.perf_counter()
-            seconds = (now - tick) / (done - last_logged)  # per step since the last log line
-            tick, last_logged = now, done
-            grad_norm = engine.get_global_grad_norm()
-            metrics = {
-                "loss": mean_loss,
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "samples_per_s": samples_per_step / seconds,
-                "tokens_per_s": samples_per_step * tokens / seconds,
-                "peak_memory_mb": peak_memory_mb(device),
-            }
-            if flops is not None:
-                # Model FLOPs per device (mardini/models/flops.py); MFU where the peak is known.
-                achieved = samples_per_step * flops / seconds / world
-                metrics["tflops_per_s"] = achieved / 1e12
-                utilisation = mfu(achieved, 1.0, device)
-                if utilisation is not None:
-                    metrics["mfu"] = utilisation
-            tracker.metrics(metrics, step=done)
-        progress.update(done, mean_loss)
-        if done % stage.checkpoint_every == 0 or done == stage.steps or stopping or time_due:
-            ckpt.save(
-                engine, done, {"step": done, "mlflow_run_id": tracker.run_id if rank == 0 else None}
-            )
-            last_saved = time.monotonic()
-        if stopping and done < stage.steps:
-            progress.close()
-            raise Stopped(f"stage {stage.name!r}: stopped by SIGTERM after step {done}; saved step-{done}")  # fmt: skip
-    progress.close()
-    return losses
+        self.state.step = step + 1
+        return mean_loss, both[1].item() > 0, both[2].item() > 0
+
+    def fit(self, stop: StopRequest) -> dict[int, float]:
+        """Train from ``state.step`` to the stage's last step; returns the losses by step. When
+        ``stop`` has seen SIGTERM on any rank, every rank saves after the current step and
+        ``Stopped`` is raised."""
+        stage, start = self.stage, self.state.step
+        meter = _Meter(self, start)
+        progress = _Progress(self.rank == 0, stage, start)
+        losses: dict[int, float] = {}
+        self.engine.train()
+        self.ckpt.start_clock()
+        while self.state.step < stage.steps:
+            mean_loss, stopping, clock = self.train_step(stop)
+            done = self.state.step
+            losses[done] = mean_loss
+            if self.rank == 0 and (
+                done % stage.log_every == 0 or done == stage.steps or done == start + 1
+            ):
+                self.tracker.metrics(meter.metrics(done, mean_loss), step=done)
+            progress.update(done, mean_loss)
+            if self.ckpt.due(done, stage.steps, stopping, clock):
+                self.ckpt.save(self.engine, self.state)
+            if stopping and done < stage.steps:
+                progress.close()
+                raise Stopped(f"stage {stage.name!r}: stopped by SIGTERM after step {done}; saved step-{done}")  # fmt: skip
+        progress.close()
+        return losses
+
+
+class _Meter:
+    """Rank 0's step metrics: loss, learning rate, gradient norm, throughput, memory, MFU."""
+
+    def __init__(self, trainer: Trainer, start: int):
+        self.trainer = trainer
+        stage, module = trainer.stage, trainer.engine.module
+        self.tokens = tokens_per_sample(module, stage)
+        self.flops = flops_per_sample(module, stage)
+        self.samples_per_step = stage.micro_batch * stage.grad_accum * trainer.world
+        self.tick, self.last = time.perf_counter(), start
+
+    def metrics(self, done: int, loss: float) -> dict[str, float]:
+        t = self.trainer
+        now = time.perf_counter()
+        seconds = (now - self.tick) / (done - self.last)  # per step since the last log line
+        self.tick, self.last = now, done
+        grad_norm = t.engine.get_global_grad_norm()
+        metrics = {
+            "loss": loss,
+            "lr": t.scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "samples_per_s": self.samples_per_step / seconds,
+            "tokens_per_s": self.samples_per_step * self.tokens / seconds,
+            "peak_memory_mb": peak_memory_mb(t.device),
+        }
+        if self.flops is not None:
+            # Model FLOPs per device (mardini/models/flops.py); MFU where the peak is known.
+            achieved = self.samples_per_step * self.flops / seconds / t.world
+            metrics["tflops_per_s"] = achieved / 1e12
+            utilisation = mfu(achieved, 1.0, t.device)
+            if utilisation is not None:
+                metrics["mfu"] = utilisation
+        return metrics
 
 
 def _gather_state(engine, rank: int) -> dict[str, torch.Tensor]:
