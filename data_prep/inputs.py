@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -60,9 +61,7 @@ def _unique_names(inputs: list[InputFile]) -> list[InputFile]:
     """Names order the inputs and key their clips (``plan_chunks``, ``sample_key``), so they
     must be unique: two different files found under the same relative name (``a/x.mp4`` and
     ``b/x.mp4`` given as two directories) are told apart by their URLs instead."""
-    counts: dict[str, int] = {}
-    for inp in inputs:
-        counts[inp.name] = counts.get(inp.name, 0) + 1
+    counts = Counter(inp.name for inp in inputs)
     return [
         inp if counts[inp.name] == 1 else InputFile(url=inp.url, name=inp.url, size=inp.size)
         for inp in inputs

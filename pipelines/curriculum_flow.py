@@ -135,7 +135,8 @@ def cache_stage_latents(
     key = latents_job.latents_key(cfg, stage, shards, splits, sources)
     record_to = join(stage_dir(store, cfg.name, stage), "latents", f"{key}.json")
     # A models:/ alias may move to other weights under the same key: run again (resuming).
-    record = None if any(isinstance(s, str) for s in sources) else read_json(record_to)
+    moving = any(source.startswith("models:/") for source in st.init_from)
+    record = None if moving else read_json(record_to)
     if record is not None:
         get_run_logger().info("stage %s: latents cached before, at %s", stage, record["url"])
         return record["url"]

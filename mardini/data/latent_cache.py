@@ -191,7 +191,9 @@ def cache_latents(
             if on_shard is not None:
                 on_shard(src, clips, skipped)
     if parts > 1:
-        write_json(join(url, PARTS_DIR, f"{index}-of-{parts}.json"), {"splits": written})
+        # Shaped as latents.json's splits, so _counts reads both alike.
+        own = {split: {"shards": entries} for split, entries in written.items()}
+        write_json(join(url, PARTS_DIR, f"{index}-of-{parts}.json"), {"splits": own})
         counted = _counts(url, old)
     for split, entries in written.items():
         counted.setdefault(split, {}).update({e["name"]: e["clips"] for e in entries})
@@ -231,8 +233,7 @@ def _counts(url: str, old: dict[str, Any] | None) -> dict[str, dict[str, int]]:
     records += [json.loads(blob) for blob in blobs.values()]
     for rec in records:
         for split, info in (rec.get("splits") or {}).items():
-            shards = info.get("shards", []) if isinstance(info, dict) else info
-            counted.setdefault(split, {}).update({s["name"]: s["clips"] for s in shards})
+            counted.setdefault(split, {}).update({s["name"]: s["clips"] for s in info["shards"]})
     return counted
 
 
