@@ -12,8 +12,8 @@ boundaries (a boundary follows an input whose name hash is 0 modulo ``chunk_inpu
 or removing a video changes one chunk, not every chunk after it. Order and boundaries follow the
 inputs' relative names, not their absolute URLs, so the same videos make the same shards (and the
 same training order) wherever the folder lies. A chunk's key hashes the config fingerprint with
-its inputs' URLs, names and sizes, and names its shards, so a rerun computes the same shard
-names. A chunk is done when its marker exists; the marker is written only after all its
+its inputs' names and sizes, and names its shards (whose sorted names are the loader's order), so
+a rerun computes the same shard names, in any folder. A chunk is done when its marker exists; the marker is written only after all its
 shards are published, and shards are published whole (see ``shards.py``). A killed run thus
 leaves complete shards and markers only; the rerun skips marked chunks and redoes the others,
 overwriting any shard of an unmarked chunk with identical bytes. The manifest is written last;
@@ -109,7 +109,7 @@ def plan_chunks(inputs: Sequence[InputFile], cfg: PrepConfig) -> list[Chunk]:
     chunks = []
     for group in groups:
         if group:
-            text = "\n".join([fingerprint, *(f"{i.url}\t{i.name}\t{i.size}" for i in group)])
+            text = "\n".join([fingerprint, *(f"{i.name}\t{i.size}" for i in group)])
             key = hashlib.sha256(text.encode()).hexdigest()[:12]
             chunks.append(Chunk(key=key, inputs=tuple(group)))
     return chunks

@@ -311,6 +311,8 @@ def test_data_does_not_depend_on_where_the_videos_lie(tmp_path):
     assert [[i.name for i in c.inputs] for c in cut_here] == [
         [i.name for i in c.inputs] for c in cut_there
     ]
+    # Chunk keys name the shards, and the loader reads shards in name order.
+    assert [c.key for c in cut_here] == [c.key for c in cut_there]
     assert len(cut_here) > 3  # there are boundaries to get wrong
     assert [sample_key(i, 0) for i in here] == [sample_key(i, 0) for i in there]
     # Different videos that share a relative name are told apart (keys must stay unique).
