@@ -39,7 +39,7 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # A fixed numeric UID: Kubernetes can verify runAsNonRoot only for a numeric user, and the
-# PyTorchJob launcher (IMAGE_UID in pipelines/launchers/kubeflow.py) and k8s/ use this number.
+# PyTorchJob launcher (IMAGE_UID in pipelines/launchers/pytorchjob.py) and k8s/ use this number.
 # 10001, not 1000: Ubuntu-based images already have a user with UID 1000.
 ARG UID=10001
 RUN groupadd --gid ${UID} mardini \

@@ -310,9 +310,9 @@ def main() -> None:
     args = parser.parse_args()
 
     warnings.filterwarnings("ignore", category=FutureWarning)
-    on_gpu = torch.cuda.is_available() and not args.cpu
-    if not on_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from mardini.train.engine import pick_accelerator
+
+    on_gpu = pick_accelerator(force_cpu=args.cpu)
     for key, value in {
         "RANK": "0",
         "LOCAL_RANK": "0",

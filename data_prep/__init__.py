@@ -1,13 +1,13 @@
 """Raw videos to WebDataset shards on any fsspec store: ``python -m data_prep shard ...``.
 
 Decode with PyAV, split at scene cuts, cut fixed-length clips, filter, encode mp4 clips, write
-tar shards plus a manifest that accounts for every input. See ``data_prep.pipeline``.
+tar shards plus a manifest that accounts for every input. See ``data_prep.sharding``.
 """
 
 from data_prep.clips import REASONS, process_video, split_of
 from data_prep.config import PrepConfig, PrepError, load_prep_config
 from data_prep.inputs import InputFile, list_inputs
-from data_prep.pipeline import (
+from data_prep.sharding import (
     Chunk,
     claim_dataset,
     dataset_url,

@@ -20,7 +20,7 @@ from rich.progress import (
 from rich.table import Table
 
 from data_prep.config import PrepError, load_prep_config
-from data_prep.pipeline import MANIFEST, shard_videos
+from data_prep.sharding import MANIFEST, shard_videos
 from mardini.storage import join, read_json
 
 app = typer.Typer(

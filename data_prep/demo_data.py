@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.config import PrepConfig
-from data_prep.pipeline import CONFIG_FILE, MANIFEST, InputCallback, dataset_url, shard_videos
+from data_prep.sharding import CONFIG_FILE, MANIFEST, InputCallback, dataset_url, shard_videos
 from data_prep.synthetic import PATTERN, write_synthetic_videos
 from mardini.storage import filesystem, is_local, join, read_json
 

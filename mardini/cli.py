@@ -41,12 +41,10 @@ def train(
     ),
     store: str = typer.Option(None, help="fsspec root (default $MARDINI_STORE or ./.mardini)."),
 ) -> None:
-    """Train one stage on this machine: torchrun with NPROC ranks (CPU: gloo, DS_ACCELERATOR=cpu)."""
-    import os
+    """Train one stage on this machine: torchrun with NPROC ranks (without a GPU: gloo and
+    DeepSpeed's CPU accelerator)."""
     import subprocess
     import sys
-
-    import torch
 
     cmd = [
         sys.executable,
@@ -60,11 +58,8 @@ def train(
         cmd += ["--override", item]
     if store:
         cmd += ["--store", store]
-    env = dict(os.environ)
-    if not torch.cuda.is_available():
-        env.setdefault("DS_ACCELERATOR", "cpu")
     console.print(f"[dim]{' '.join(cmd)}[/dim]")
-    raise typer.Exit(subprocess.call(cmd, env=env))
+    raise typer.Exit(subprocess.call(cmd))
 
 
 @app.command()
@@ -104,7 +99,7 @@ def _set_threads(threads: int | None) -> None:
 
 
 def _tracking(store: str | None) -> str:
-    from mardini.train.tracking import tracking_uri
+    from mardini.mlflow_setup import tracking_uri
 
     return tracking_uri(store)
 
@@ -257,10 +252,12 @@ def _generate(task: str, checkpoint: str, out, store, device, run, **opts) -> No
     """Load, run ``run(model, size, fps, sample_options, progress)`` under a bar, save."""
 
     from mardini import generate as g
+    from mardini.export import load_model, stage_setting
+    from mardini.video import save_video
 
     _set_threads(opts["threads"])
     with console.status(f"loading {checkpoint}"):
-        model, meta = g.load_model(checkpoint, device=device, tracking_uri=_tracking(store))
+        model, meta = load_model(checkpoint, device=device, tracking_uri=_tracking(store))
     sample = g.SampleOptions(
         steps=opts["steps"],
         solver=opts["solver"],
@@ -268,8 +265,8 @@ def _generate(task: str, checkpoint: str, out, store, device, run, **opts) -> No
         seed=opts["seed"],
         kind=g.sample_kind(meta),
     )
-    size = opts["size"] or g.stage_setting(meta, "resolution", g.DEFAULT_RESOLUTION)
-    fps = opts["fps"] or g.stage_setting(meta, "fps", g.DEFAULT_FPS)
+    size = opts["size"] or stage_setting(meta, "resolution", g.DEFAULT_RESOLUTION)
+    fps = opts["fps"] or stage_setting(meta, "fps", g.DEFAULT_FPS)
     with Progress(
         TextColumn(f"{task}: denoising"),
         BarColumn(),
@@ -287,7 +284,7 @@ def _generate(task: str, checkpoint: str, out, store, device, run, **opts) -> No
             lambda done, total: progress.update(bar, completed=done, total=total),
         )
         seconds = time.perf_counter() - start
-    paths = g.save_video(
+    paths = save_video(
         video, out or Path("out") / f"{task}.mp4", fps, opts["gif"], opts["lossless"]
     )
     console.print(
@@ -319,9 +316,10 @@ def generate_interpolate(
 ) -> None:
     """Interpolate between two images: FRAMES frames, the given two kept exactly."""
     from mardini import generate as g
+    from mardini.video import read_image
 
     def run(model, size, fps, opts, progress):
-        a, b = g.read_image(first, size), g.read_image(last, size)
+        a, b = read_image(first, size), read_image(last, size)
         return g.interpolate(model, a, b, frames, opts, progress), frames - 2
 
     _generate("interpolate", checkpoint, out, store, device, run, **_opts(locals()))
@@ -347,9 +345,10 @@ def generate_i2v(
 ) -> None:
     """Image-to-video: FRAMES frames starting with the image (kept exactly)."""
     from mardini import generate as g
+    from mardini.video import read_image
 
     def run(model, size, fps, opts, progress):
-        start = g.read_image(image, size)
+        start = read_image(image, size)
         return g.image_to_video(model, start, frames, opts, progress), frames - 1
 
     _generate("i2v", checkpoint, out, store, device, run, **_opts(locals()))
@@ -378,9 +377,10 @@ def generate_expand(
 ) -> None:
     """Video expansion: the video's frames, then ADD generated ones."""
     from mardini import generate as g
+    from mardini.video import read_clip
 
     def run(model, size, fps, opts, progress):
-        clip = g.read_clip(video, size, fps)  # resampled to the output frame rate
+        clip = read_clip(video, size, fps)  # resampled to the output frame rate
         return g.expand(model, clip, add, window, opts, progress), add
 
     _generate("expand", checkpoint, out, store, device, run, **_opts(locals()))
@@ -407,9 +407,10 @@ def generate_long(
 ) -> None:
     """Long video from one image: keyframes by image-to-video, then recursive interpolation."""
     from mardini import generate as g
+    from mardini.video import read_image
 
     def run(model, size, fps, opts, progress):
-        start = g.read_image(image, size)
+        start = read_image(image, size)
         return g.long_video(model, start, window, total, opts, progress), total - 1
 
     _generate("long", checkpoint, out, store, device, run, **_opts(locals()))

@@ -13,8 +13,9 @@ exactly as given (``MarDini.sample`` keeps reference frames), so only masked fra
   longer than the window first gets ``W`` keyframes of its own). Calls of one level that have
   the same length run as one batch.
 
-Checkpoints load from a stage's ``final/`` export (local path or fsspec URL, or the stage
-directory above it) or from the registry as ``models:/name@alias`` (see ``load_model``).
+Models load from any source ``mardini.export.load_model`` takes (a stage's ``final/`` export,
+the stage directory above it, or ``models:/name@alias``); clips are read and written by
+``mardini.video``.
 Guidance: ``cfg_scale`` applies to image-to-video and expansion; interpolation runs unguided,
 as in the paper (scale 2.5 for I2V, none for interpolation).
 """
@@ -24,19 +25,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from fractions import Fraction
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mardini.config import ModelConfig
 from mardini.masking import expansion_mask, i2v_mask, interpolation_mask
-from mardini.models import MarDini, build_model
-from mardini.storage import filesystem, join
-from mardini.train.checkpoint import read_final
-from mardini.video import read_video, resize_center_crop, to_uint8, write_video
+from mardini.models import MarDini
 
 log = logging.getLogger(__name__)
 
@@ -44,47 +39,6 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 
 DEFAULT_RESOLUTION, DEFAULT_FPS = 32, 8.0
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-def resolve_checkpoint(source: str, tracking_uri: str | None = None) -> str:
-    """URL of the ``final/`` export that ``source`` names: a final dir, a stage dir, or
-    ``models:/name@alias`` (the export its version refers to, in the registry at ``tracking_uri``)."""
-    if source.startswith("models:/"):
-        from mardini.mlflow_model import registered_export
-
-        return registered_export(source, tracking_uri)
-    fs, path = filesystem(source)
-    if fs.exists(f"{path}/config.json"):
-        return source
-    if fs.exists(f"{path}/final/config.json"):
-        return join(source, "final")
-    raise FileNotFoundError(
-        f"no checkpoint at {source}: expected a final/ export (model.safetensors + config.json), "
-        "a stage directory holding final/, or models:/name@alias"
-    )
-
-
-def load_model(
-    source: str, device: str | torch.device = "cpu", tracking_uri: str | None = None
-) -> tuple[MarDini, dict[str, Any]]:
-    """Build the model recorded in an export's metadata and load all its weights (eval mode)."""
-    url = resolve_checkpoint(source, tracking_uri)
-    state, meta = read_final(url)
-    if "model" not in meta:
-        raise ValueError(f"{url}/config.json has no 'model' section; re-export the stage")
-    model = build_model(ModelConfig.model_validate(meta["model"]))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{url}: weights do not match the model in its config.json (missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}); was it exported by another version of mardini?"
-        )
-    meta = {**meta, "source": source, "final_url": url}
-    log.info("loaded %s (stage %s, kind %s)", url, meta.get("stage"), meta.get("kind"))
-    return model.to(device).eval(), meta
 
 
 def sample_kind(meta: dict[str, Any]) -> str:
@@ -96,12 +50,6 @@ def sample_kind(meta: dict[str, Any]) -> str:
             "untrained; generate from a dm or joint stage"
         )
     return "dm" if kind == "dm" else "joint"
-
-
-def stage_setting(meta: dict[str, Any], key: str, default: Any) -> Any:
-    """A stage setting (``resolution``, ``frames``, ``fps``) recorded in the export, or default."""
-    stage = meta.get("stage_config") or {}
-    return stage.get(key, meta.get(key, default))
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -284,84 +232,3 @@ def long_video(
             for positions, frames in zip(group, filled, strict=True):
                 out[positions[1:-1]] = frames[1:-1]
     return out
-
-
-# ----------------------------------------------------------------------------- files
-
-
-def read_image(path: str | Path, size: int) -> torch.Tensor:
-    """An image file (or a video's first frame) as ``3 size size`` in [-1, 1]."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"input image {path} not found")
-    try:
-        with Image.open(path) as image:
-            pixels = np.asarray(image.convert("RGB"))
-        frame = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float()[None] / 127.5 - 1.0
-        return resize_center_crop(frame, size)[0]
-    except UnidentifiedImageError:
-        return read_video(path, frames=1, size=size)[0]
-
-
-def read_clip(path: str | Path, size: int, fps: float | None = None) -> torch.Tensor:
-    """Every frame of a video file (resampled to ``fps`` if given) as ``T 3 size size``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"input video {path} not found")
-    return read_video(path, size=size, fps=fps)
-
-
-def write_gif(path: str | Path, video_T3HW: torch.Tensor, fps: float = 8.0) -> Path:
-    """Write an animated GIF that loops forever."""
-    from PIL import Image
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    images = [Image.fromarray(frame) for frame in to_uint8(video_T3HW)]
-    images[0].save(
-        path,
-        save_all=True,
-        append_images=images[1:],
-        duration=max(20, round(1000 / fps)),
-        loop=0,
-        disposal=1,
-    )
-    return path
-
-
-def write_lossless_mp4(path: str | Path, video_T3HW: torch.Tensor, fps: float = 8.0) -> Path:
-    """Lossless RGB H.264 (``libx264rgb``, qp 0): decodes to exactly the uint8 frames."""
-    import av
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frames = to_uint8(video_T3HW)
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264rgb", rate=Fraction(fps).limit_denominator(1000))
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "rgb24"
-        stream.options = {"qp": "0", "preset": "veryfast"}
-        for image in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
-        container.mux(stream.encode())
-    return path
-
-
-def save_video(
-    video_T3HW: torch.Tensor,
-    out: str | Path,
-    fps: float = DEFAULT_FPS,
-    gif: bool = False,
-    lossless: bool = False,
-) -> list[Path]:
-    """Write ``out`` (mp4: H.264 yuv420p, or lossless RGB) and, with ``gif``, ``out.gif``."""
-    out = Path(out)
-    if out.suffix.lower() != ".mp4":
-        out = out.with_suffix(".mp4")
-    paths = [
-        write_lossless_mp4(out, video_T3HW, fps) if lossless else write_video(out, video_T3HW, fps)
-    ]
-    if gif:
-        paths.append(write_gif(out.with_suffix(".gif"), video_T3HW, fps))
-    return paths

@@ -5,10 +5,10 @@ request schema and an input example) whose ``model_config`` names the stage's ex
 store (``final_url``) and the SHA-256 of its weights; no copy of the weights goes to MLflow.
 Given ``registered_model_name`` it registers a new version (``register_model`` also moves
 aliases). ``mlflow.pyfunc.load_model("models:/name@alias")``, ``mlflow models serve -m
-models:/name@alias --env-manager local`` and ``mardini.generate.load_model("models:/name@alias")``
+models:/name@alias --env-manager local`` and ``mardini.export.load_model("models:/name@alias")``
 read the weights from the store (so they need the store's credentials, as training does). A
 stage retrained later writes other weights to the same URL; the export it replaces is kept in
-``superseded/`` beside it (``mardini.train.checkpoint.export_final``), so every version keeps
+``superseded/`` beside it (``mardini.export.export_final``), so every version keeps
 loading the weights it was registered with. Versions logged before this (with a ``final``
 artifact) still load. The model's code is the installed ``mardini`` package (serve it from the
 project's environment or image: ``--env-manager local``).
@@ -48,8 +48,8 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+from mardini.mlflow_setup import mlflow_client
 from mardini.storage import is_local_url
-from mardini.train.tracking import mlflow_client
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,7 @@ def pip_requirements() -> list[str]:
 
 def _tensor_video(value: Any, size: int, image: bool) -> torch.Tensor:
     """An image (``3 H W``) or video (``T 3 H W``) in [-1, 1] from base64, an array or a Path."""
-    from mardini.generate import read_clip, read_image
-    from mardini.video import resize_center_crop
+    from mardini.video import read_clip, read_image, resize_center_crop
 
     if isinstance(value, np.ndarray | list):
         array = np.asarray(value, dtype=np.uint8)
@@ -266,7 +265,7 @@ class MarDiniModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         """Build the model from the export in the store (``model_config``) or, for versions
         logged with a copy, from ``artifacts/final`` (GPU if there is one)."""
-        from mardini.generate import load_model
+        from mardini.export import load_model
 
         if _SAVING:
             raise _SavingOnly("the model is being saved: its weights are not loaded")
@@ -280,10 +279,11 @@ class MarDiniModel(mlflow.pyfunc.PythonModel):
 
     def _one(self, request: dict[str, Any]) -> Any:
         from mardini import generate as g
-        from mardini.video import to_uint8
+        from mardini.export import stage_setting
+        from mardini.video import save_video, to_uint8
 
         task, fmt = request["task"], request["format"]
-        size = int(request.get("size") or g.stage_setting(self.meta, "resolution", 32))
+        size = int(request.get("size") or stage_setting(self.meta, "resolution", 32))
         opts = g.SampleOptions(
             steps=request.get("steps", 25),
             seed=request.get("seed", 0),
@@ -313,7 +313,7 @@ class MarDiniModel(mlflow.pyfunc.PythonModel):
         if fmt == "array":
             return to_uint8(video)
         with tempfile.TemporaryDirectory() as tmp:
-            path = g.save_video(video, Path(tmp) / "out.mp4")[0]
+            path = save_video(video, Path(tmp) / "out.mp4")[0]
             return base64.b64encode(path.read_bytes()).decode()
 
 
@@ -330,7 +330,7 @@ def _export_of(context) -> str:
     when it was logged with a copy of the weights (versions from before references)."""
     config = context.model_config or {}
     if "final_url" in config:
-        from mardini.train.checkpoint import referenced_export
+        from mardini.export import referenced_export
 
         return referenced_export(config["final_url"], config.get("weights_sha256"))
     return context.artifacts["final"]
@@ -367,12 +367,14 @@ def registered_export(model_uri: str, tracking_uri: str | None = None) -> str:
             "and alias, or set MLFLOW_TRACKING_URI / --store)"
         ) from err
     if "final_url" in config:
-        from mardini.train.checkpoint import referenced_export
+        from mardini.export import referenced_export
 
         return referenced_export(config["final_url"], config.get("weights_sha256"))
-    found = sorted(local.rglob("model.safetensors"))
+    from mardini.export import WEIGHTS
+
+    found = sorted(local.rglob(WEIGHTS))
     if not found:
-        raise FileNotFoundError(f"{model_uri} holds no model.safetensors (looked under {local})")
+        raise FileNotFoundError(f"{model_uri} holds no {WEIGHTS} (looked under {local})")
     return str(found[0].parent)
 
 
@@ -412,7 +414,7 @@ def input_example() -> list[dict[str, Any]]:
 def experiment_id(client, name: str) -> str:
     """Find or create experiment ``name`` (``ensure_experiment``: tagged, artifacts beside a
     SQLite store)."""
-    from mardini.train.tracking import ensure_experiment
+    from mardini.mlflow_setup import ensure_experiment
 
     return ensure_experiment(name, uri=client.tracking_uri)
 
@@ -421,13 +423,9 @@ def save_reference(final_url: str, path: str | Path) -> dict[str, Any]:
     """Save the pyfunc model that refers to the export at ``final_url`` to local ``path``: the
     reference (URL and weights digest) as its ``model_config``, the request schema as its
     signature, ``input_example()``; no weights. Returns the export's metadata."""
-    from mardini.train.checkpoint import read_final_meta
+    from mardini.export import require_final_meta
 
-    meta = read_final_meta(final_url)
-    if meta is None:
-        raise FileNotFoundError(
-            f"no finished export at {final_url} (config.json missing): train that stage first"
-        )
+    meta = require_final_meta(final_url)
     with _media_fields_untyped(), _no_example_run():
         mlflow.pyfunc.save_model(
             str(path),
@@ -453,7 +451,7 @@ def log_model(
     """Log the export at ``final_url`` by reference as a pyfunc model under artifact path
     ``name`` of ``run_id`` (else of a new run ``model-{stage}`` in the curriculum's experiment)
     and, given ``registered_model_name``, register it as a new version. Reads only the export's
-    ``config.json``. Returns ``models:/name/version`` when registered, else
+    metadata. Returns ``models:/name/version`` when registered, else
     ``runs:/run_id/name``. Uses ``MlflowClient`` only: no global MLflow state is changed."""
     client = mlflow_client(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:

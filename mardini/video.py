@@ -86,3 +86,81 @@ def write_video(
             container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
         container.mux(stream.encode())
     return path
+
+
+def read_image(path: str | Path, size: int) -> torch.Tensor:
+    """An image file (or a video's first frame) as ``3 size size`` in [-1, 1]."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input image {path} not found")
+    try:
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"))
+        frame = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float()[None] / 127.5 - 1.0
+        return resize_center_crop(frame, size)[0]
+    except UnidentifiedImageError:
+        return read_video(path, frames=1, size=size)[0]
+
+
+def read_clip(path: str | Path, size: int, fps: float | None = None) -> torch.Tensor:
+    """Every frame of a video file (resampled to ``fps`` if given) as ``T 3 size size``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input video {path} not found")
+    return read_video(path, size=size, fps=fps)
+
+
+def write_gif(path: str | Path, video_T3HW: torch.Tensor, fps: float = 8.0) -> Path:
+    """Write an animated GIF that loops forever."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images = [Image.fromarray(frame) for frame in to_uint8(video_T3HW)]
+    images[0].save(
+        path,
+        save_all=True,
+        append_images=images[1:],
+        duration=max(20, round(1000 / fps)),
+        loop=0,
+        disposal=1,
+    )
+    return path
+
+
+def write_lossless_mp4(path: str | Path, video_T3HW: torch.Tensor, fps: float = 8.0) -> Path:
+    """Lossless RGB H.264 (``libx264rgb``, qp 0): decodes to exactly the uint8 frames."""
+    import av
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = to_uint8(video_T3HW)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264rgb", rate=Fraction(fps).limit_denominator(1000))
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "rgb24"
+        stream.options = {"qp": "0", "preset": "veryfast"}
+        for image in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def save_video(
+    video_T3HW: torch.Tensor,
+    out: str | Path,
+    fps: float = 8.0,
+    gif: bool = False,
+    lossless: bool = False,
+) -> list[Path]:
+    """Write ``out`` (mp4: H.264 yuv420p, or lossless RGB) and, with ``gif``, ``out.gif``."""
+    out = Path(out)
+    if out.suffix.lower() != ".mp4":
+        out = out.with_suffix(".mp4")
+    paths = [
+        write_lossless_mp4(out, video_T3HW, fps) if lossless else write_video(out, video_T3HW, fps)
+    ]
+    if gif:
+        paths.append(write_gif(out.with_suffix(".gif"), video_T3HW, fps))
+    return paths

@@ -5,7 +5,7 @@ presets) and the layers above the library, assembled here where every layer is v
 Only the command modules print; the library logs.
 
 Importing this module imports neither Prefect nor MLflow nor DeepSpeed: the demo sets their
-settings before they are imported (``pipelines.workflow_demo``).
+settings before they are imported (``pipelines.demo``).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def demo(
     if not quick:
         _workflow_demo(config, store, out)
         return
-    from mardini.demo import run_demo
+    from mardini.quick_demo import run_demo
 
     with Progress(
         TextColumn("{task.description}"),
@@ -213,7 +213,7 @@ def _log_to_file(path: Path, console: Console) -> StageConsole:
 
 
 def _workflow_demo(config: str, store: str | None, out: Path) -> None:
-    from pipelines.workflow_demo import log_file, run_workflow_demo
+    from pipelines.demo import log_file, run_workflow_demo
 
     path = log_file(store)
     stages = _log_to_file(path, console)
@@ -318,7 +318,7 @@ def promote(
             f"promoting by hand needs {', '.join(missing)}; or answer a waiting flow run "
             "with --approve / --reject"
         )
-    from mardini.train.tracking import mlflow_client, tracking_uri
+    from mardini.mlflow_setup import mlflow_client, tracking_uri
     from pipelines.promotion import promote as move_aliases
     from pipelines.promotion import registered_name
 
@@ -369,9 +369,9 @@ def latents(
 
     from mardini.config import ConfigError, load_config
     from mardini.data.latent_cache import LatentCacheError, cache_latents
+    from mardini.export import stage_autoencoder
     from mardini.layout import shards_url
     from mardini.storage import store_root
-    from mardini.train.checkpoint import stage_autoencoder
 
     try:
         cfg = load_config(config, override)

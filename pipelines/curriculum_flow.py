@@ -26,11 +26,11 @@ from prefect.exceptions import Pause
 from prefect.runtime import deployment, flow_run
 
 from mardini.config import CurriculumConfig, ModelConfig, StageConfig, load_config
+from mardini.export import read_final_meta
 from mardini.layout import final_url, stage_dir
+from mardini.mlflow_setup import ensure_experiment, log_params, mlflow_client, tracking_uri
 from mardini.progress import StageEvent, emit
 from mardini.storage import is_local_url, join, read_json, store_root
-from mardini.train.checkpoint import read_final_meta
-from mardini.train.tracking import ensure_experiment, log_params, mlflow_client, tracking_uri
 from pipelines.approval import (
     ApprovalTimedOut,
     PromotionRejected,
@@ -94,7 +94,7 @@ def _run_where_the_gpus_are(
         command = command_for(config_path or str(cfg.source), None)
         batch_job.run_local(command, env, timeout_s, what=what)
     elif launcher == "kubeflow":
-        from pipelines.launchers.kubeflow import LaunchConfig, image_config_path
+        from pipelines.launchers.pytorchjob import LaunchConfig, image_config_path
 
         launch = LaunchConfig.from_env(os.environ, **({"image": image} if image else {}))
         command = command_for(image_config_path(str(cfg.source)), launch)
@@ -238,7 +238,7 @@ def train_stage(
             **({} if max_restarts is None else {"max_restarts": max_restarts}),
         )
     elif launcher == "kubeflow":
-        from pipelines.launchers.kubeflow_run import run_pytorchjob
+        from pipelines.launchers.kubeflow import run_pytorchjob
 
         run_pytorchjob(cfg, stage, config_path=None, image=image, nnodes=nnodes,
                        nproc_per_node=nproc_per_node, run_id=parent_run_id, timeout_s=timeout_s,

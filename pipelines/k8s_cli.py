@@ -46,7 +46,7 @@ def render_job(
 ) -> None:
     """Print the PyTorchJob YAML that trains STAGE of CONFIG (defaults from MARDINI_K8S_*)."""
     from mardini.config import ConfigError, load_config
-    from pipelines.launchers.kubeflow import (
+    from pipelines.launchers.pytorchjob import (
         LaunchConfig,
         build_pytorchjob,
         image_config_path,

@@ -21,7 +21,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 
 from data_prep.config import PrepConfig, PrepError
 from data_prep.inputs import InputFile, list_inputs
-from data_prep.pipeline import (
+from data_prep.sharding import (
     Chunk,
     claim_dataset,
     dataset_url,

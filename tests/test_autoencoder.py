@@ -100,8 +100,8 @@ def test_later_stages_load_the_autoencoder_stage_export_from_the_store(small_kl_
     """An ``autoencoder`` stage's export on S3 is what a later stage encodes with (through
     ``init_from``), not the random weights its model starts from."""
     from mardini.config import CurriculumConfig
+    from mardini.export import export_final, stage_autoencoder
     from mardini.layout import stage_dir
-    from mardini.train.checkpoint import export_final, stage_autoencoder
 
     cfg = CurriculumConfig.model_validate(
         {

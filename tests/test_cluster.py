@@ -8,7 +8,7 @@ import os
 import pytest
 
 from mardini.config import load_config
-from pipelines.launchers.kubeflow_run import run_pytorchjob
+from pipelines.launchers.kubeflow import run_pytorchjob
 from tests.conftest import CONFIGS
 
 pytestmark = [

@@ -49,7 +49,12 @@ def restore_logging():
     saved = list(root.handlers), root.level
     mlflow = logging.getLogger("mlflow")
     saved_mlflow = list(mlflow.handlers), mlflow.propagate
+    # The `mardini` command's callback quietens httpx; a test that ran it earlier leaves it so.
+    httpx = logging.getLogger("httpx")
+    saved_httpx = httpx.level
+    httpx.setLevel(logging.NOTSET)
     yield
+    httpx.setLevel(saved_httpx)
     for h in list(root.handlers):
         root.removeHandler(h)
         h.close()
@@ -195,7 +200,7 @@ def test_a_failed_demo_prints_what_failed_and_where_the_log_is(
 ):
     from typer.testing import CliRunner
 
-    import pipelines.workflow_demo
+    import pipelines.demo
     from pipelines.cli import app
 
     def fail(*args, **kwargs):
@@ -209,7 +214,7 @@ def test_a_failed_demo_prints_what_failed_and_where_the_log_is(
             "stage 'dm' failed its gates (MLflow: run x)\ngates of stage 'dm': FAILED"
         )
 
-    monkeypatch.setattr(pipelines.workflow_demo, "run_workflow_demo", fail)
+    monkeypatch.setattr(pipelines.demo, "run_workflow_demo", fail)
     result = CliRunner().invoke(app, ["demo", "--store", str(tmp_path)])
     assert result.exit_code == 1
     lines = result.output.splitlines()
@@ -226,9 +231,9 @@ def test_the_final_table_names_the_pictures_and_the_log(tmp_path, restore_loggin
 
     from typer.testing import CliRunner
 
-    import pipelines.workflow_demo
+    import pipelines.demo
     from pipelines.cli import app
-    from pipelines.workflow_demo import WorkflowDemo
+    from pipelines.demo import WorkflowDemo
 
     out = Path(tmp_path, "out")
     done = WorkflowDemo(
@@ -241,7 +246,7 @@ def test_the_final_table_names_the_pictures_and_the_log(tmp_path, restore_loggin
         summary_png=out / "summary.png",
         summary_gif=out / "summary.gif",
     )
-    monkeypatch.setattr(pipelines.workflow_demo, "run_workflow_demo", lambda *a, **k: done)
+    monkeypatch.setattr(pipelines.demo, "run_workflow_demo", lambda *a, **k: done)
     result = CliRunner().invoke(app, ["demo", "--store", str(tmp_path)])
     assert result.exit_code == 0, result.output
     cells = "".join(line.strip("│ ") for line in result.output.splitlines())

@@ -232,7 +232,7 @@ def test_failed_gate_stops_the_flow_and_a_rerun_resumes(tmp_path, train_shards, 
     # its record where the flow looks first on a rerun.
     (dm_latents,) = (Path(store) / "runs" / "flow-gate" / "dm" / "latents").glob("*.json")
     assert "/latents/32px-" in json.loads(dm_latents.read_text())["url"]
-    dm_export = Path(store) / "runs" / "flow-gate" / "dm" / "final" / "config.json"
+    dm_export = Path(store) / "runs" / "flow-gate" / "dm" / "final" / "metadata.json"
     exported_at = dm_export.stat().st_mtime_ns
     # The evaluation ran as its own process and left its results and samples in the store.
     (dm_eval,) = (Path(store) / "runs" / "flow-gate" / "dm" / "eval").glob("*/eval.json")
@@ -284,7 +284,7 @@ def test_stage_report_keys_and_clickable_links():
 
 
 def test_an_existing_experiment_gets_the_model_training_kind(mlflow_uri):
-    from mardini.train.tracking import EXPERIMENT_KIND, ensure_experiment
+    from mardini.mlflow_setup import EXPERIMENT_KIND, ensure_experiment
 
     client = MlflowClient(mlflow_uri)
     created = client.create_experiment("made-before")  # e.g. by an older version of this code

@@ -31,7 +31,7 @@ from data_prep import (
 )
 from data_prep.cli import app
 from data_prep.clips import sample_key, split_score
-from data_prep.pipeline import _results
+from data_prep.sharding import _results
 from mardini.storage import filesystem, join
 
 REPO = Path(__file__).resolve().parents[1]

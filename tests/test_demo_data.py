@@ -10,7 +10,7 @@ import torch
 from data_prep.clips import split_of
 from data_prep.config import PrepConfig
 from data_prep.demo_data import DEMO_PREP, REAL_CLIPS, real_clips, sources_dir
-from data_prep.pipeline import shard_videos
+from data_prep.sharding import shard_videos
 from data_prep.synthetic import FOLDER, synthesize, write_synthetic_videos
 
 

@@ -30,10 +30,9 @@ from mardini.eval import (
 from mardini.eval.evaluate import PER_FRAME_TABLE
 from mardini.eval.metrics import I3DFeatures
 from mardini.eval.pictures import layout
-from mardini.generate import load_model
+from mardini.export import export_final, load_model
 from mardini.masking import i2v_mask, interpolation_mask
 from mardini.models import build_model
-from mardini.train.checkpoint import export_final
 from mardini.video import read_video
 from tests.conftest import CONFIGS
 

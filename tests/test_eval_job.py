@@ -20,10 +20,10 @@ from kubernetes.client.exceptions import ApiException
 
 from mardini.config import load_config
 from pipelines.launchers.batch_job import run_job, run_local
+from pipelines.launchers.contract import LaunchError
 from pipelines.launchers.eval_job import build_eval_job, eval_command, eval_job_name
-from pipelines.launchers.kubeflow import KUEUE_QUEUE_LABEL, LaunchConfig
 from pipelines.launchers.latents_job import build_latents_job, latents_command, latents_key
-from pipelines.launchers.local import LaunchError
+from pipelines.launchers.pytorchjob import KUEUE_QUEUE_LABEL, LaunchConfig
 from tests.conftest import CONFIGS
 
 K8S_VERSION = "1.33"

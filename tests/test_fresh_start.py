@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.workflow_demo import PREFECT_SETTINGS
+from pipelines.demo import PREFECT_SETTINGS
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGURED = float(PREFECT_SETTINGS["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
@@ -49,7 +49,7 @@ def test_demo_flow_starts_a_fresh_ephemeral_server_under_its_timeout(tmp_path):
         """
         import json, sys
         import pipelines.cli
-        from pipelines.workflow_demo import prefect_settings
+        from pipelines.demo import prefect_settings
 
         # The libraries whose settings the demo sets before their import (Prefect, MLflow's
         # logging, DeepSpeed's accelerator) are not imported by the CLI's own import path.
@@ -91,7 +91,7 @@ def test_configured_timeout_holds_whatever_was_imported_first(tmp_path, first):
         [
             first,
             "import json",
-            "from pipelines.workflow_demo import prefect_settings",
+            "from pipelines.demo import prefect_settings",
             "with prefect_settings():",
             "    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as T",
             "    print(json.dumps({'timeout': T.value()}))",

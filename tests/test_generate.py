@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 from mardini import generate as g
 from mardini.cli import app
+from mardini.export import export_final, load_model
 from mardini.models import build_model
-from mardini.train.checkpoint import export_final
-from mardini.video import read_video, to_uint8
+from mardini.video import read_video, to_uint8, write_lossless_mp4
 
 SIZE = 32
 
@@ -100,7 +100,7 @@ def test_i2v_keeps_the_image_and_writes_a_gif(checkpoint, images, tmp_path):
 
 def test_expand_keeps_every_given_frame(checkpoint, bikes_path, tmp_path):
     given = read_video(bikes_path, frames=3, fps=8, size=SIZE)
-    source = g.write_lossless_mp4(tmp_path / "given.mp4", given, fps=8)
+    source = write_lossless_mp4(tmp_path / "given.mp4", given, fps=8)
     out = tmp_path / "expand.mp4"
     # Window 4: the 4 new frames come in autoregressive chunks of 2, each seeing 2 frames.
     _cli(
@@ -153,7 +153,7 @@ def test_expansion_plan_adds_exactly_and_respects_the_window():
 
 
 def test_library_calls_keep_references_exactly(checkpoint):
-    model, meta = g.load_model(checkpoint)
+    model, meta = load_model(checkpoint)
     assert meta["kind"] == "joint" and not model.training
     image = torch.rand(3, SIZE, SIZE) * 2 - 1
     opts = g.SampleOptions(steps=1)
@@ -169,14 +169,14 @@ def test_mar_checkpoint_refuses_to_generate(tmp_path):
     model = build_model("debug")
     meta = {"stage": "mar", "kind": "mar", "model": model.cfg.model_dump(mode="json")}
     url = export_final(model.state_dict(), meta, str(tmp_path / "mar"))
-    _, loaded = g.load_model(url)
+    _, loaded = load_model(url)
     with pytest.raises(ValueError, match="generate from a dm or joint stage"):
         g.sample_kind(loaded)
 
 
 def test_missing_checkpoint_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
-        g.load_model(str(tmp_path / "nowhere"))
+        load_model(str(tmp_path / "nowhere"))
 
 
 # ----------------------------------------------------------------------------- MLflow
@@ -200,8 +200,8 @@ def test_registry_alias_loads_and_pyfunc_predicts(checkpoint, images, tmp_path, 
     assert str(client.get_model_version_by_alias(name, "champion").version) == "2"
 
     # The generation loader resolves the alias to the same weights.
-    model, meta = g.load_model(f"models:/{name}@champion", tracking_uri=uri)
-    original, _ = g.load_model(checkpoint)
+    model, meta = load_model(f"models:/{name}@champion", tracking_uri=uri)
+    original, _ = load_model(checkpoint)
     for key, value in original.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
     assert meta["stage"] == "joint-interpolation"

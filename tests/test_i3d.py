@@ -118,8 +118,8 @@ def test_fvd_ranks_corruption_and_tells_real_sets_apart(i3d, real_clips):
 @pytest.mark.slow
 def test_every_evaluation_reports_fvd_beside_baselines_and_floor(fvd_on, tmp_path, train_shards):
     from mardini.eval.evaluate import run_evaluation
+    from mardini.export import export_final
     from mardini.models import build_model
-    from mardini.train.checkpoint import export_final
 
     torch.manual_seed(0)
     model = build_model("debug")

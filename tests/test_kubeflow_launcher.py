@@ -9,8 +9,8 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 
 from mardini.config import load_config
-from pipelines.launchers.kubeflow_run import run_pytorchjob
-from pipelines.launchers.local import LaunchError
+from pipelines.launchers.contract import LaunchError
+from pipelines.launchers.kubeflow import run_pytorchjob
 from tests.conftest import CONFIGS
 
 

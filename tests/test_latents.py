@@ -20,9 +20,9 @@ from mardini.config import load_config
 from mardini.data import ClipSpec, LatentBatch, decode_clip, shard_samples, train_batches
 from mardini.data.latent_cache import LatentCacheError, cache_latents
 from mardini.data.latents import CACHE_RECORD, HI, cache_url, decode_latents
+from mardini.export import stage_autoencoder
 from mardini.models import build_model
 from mardini.storage import filesystem, join
-from mardini.train.checkpoint import stage_autoencoder
 from mardini.train.engine import latent_source
 from tests.conftest import CONFIGS
 

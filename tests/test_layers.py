@@ -1,6 +1,8 @@
 """The layers stay layers: ``mardini`` (the library) imports neither ``pipelines`` nor
 ``data_prep``; ``data_prep`` uses only the library's data, storage and media modules (never
 training, models or evaluation); ``pipelines`` sits on top and assembles the ``mardini`` command.
+Inside the library, what uses a trained model (export, generation, evaluation, serving) does not
+depend on the trainer (``mardini.train``: DeepSpeed, torch.distributed).
 
 Every import statement counts, also the ones inside functions: a lazy import is still a
 dependency. A second check imports every ``data_prep`` module in a fresh interpreter and looks
@@ -59,6 +61,22 @@ def test_the_library_imports_nothing_above_it():
         for path in _files("mardini")
         for line, module in _imports(path)
         if _within(module, ("pipelines", "data_prep"))
+    ]
+    assert bad == []
+
+
+# Library modules that use a trained model without training one.
+USES_A_MODEL = ("mardini.export", "mardini.generate", "mardini.eval", "mardini.mlflow_model",
+                "mardini.video", "mardini.mlflow_setup")  # fmt: skip
+
+
+def test_what_uses_a_model_does_not_depend_on_the_trainer():
+    bad = [
+        f"{path.relative_to(REPO)}:{line} imports {module}"
+        for path in _files("mardini")
+        if _within(".".join(path.relative_to(REPO).with_suffix("").parts), USES_A_MODEL)
+        for line, module in _imports(path)
+        if _within(module, ("mardini.train",))
     ]
     assert bad == []
 

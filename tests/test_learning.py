@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from mardini.config import ModelConfig
-from mardini.demo import bikes_clip, fit, grid_loss
 from mardini.masking import MaskSampler, interpolation_mask
 from mardini.models import build_model
+from mardini.quick_demo import bikes_clip, fit, grid_loss
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from mardini.eval.pictures import BACKGROUND, PAD, comparison, draw_grid, layout, save_gif
-from pipelines.workflow_demo import write_summary
+from pipelines.demo import write_summary
 
 # 2 rows x 3 columns x 2 frames of 4x4 cells, each a flat colour that says where it belongs.
 R, C, T, H, W, SCALE = 2, 3, 2, 4, 4, 3

@@ -9,11 +9,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from mardini import generate as g
+from mardini.export import export_final, load_model, read_final, read_final_meta, superseded_url
 from mardini.mlflow_model import register_model
 from mardini.models import build_model
 from mardini.storage import filesystem, join
-from mardini.train.checkpoint import export_final, read_final, read_final_meta, superseded_url
 
 
 def _export(stage_url: str, seed: int) -> tuple[str, dict[str, torch.Tensor]]:
@@ -54,19 +53,19 @@ def test_a_version_refers_to_its_export_and_survives_a_retrain(s3_bucket, tmp_pa
     _, second = _export(stage, seed=1)
     kept = superseded_url(final, first_sha)
     assert read_final_meta(kept)["weights_sha256"] == first_sha
-    model, meta = g.load_model("models:/ref-test@champion", tracking_uri=uri)
+    model, meta = load_model("models:/ref-test@champion", tracking_uri=uri)
     assert _same(model, first) and meta["final_url"] == kept
     pyfunc = mlflow.pyfunc.load_model("models:/ref-test@champion")
     assert _same(pyfunc.unwrap_python_model().model, first)
     assert register_model(final, "ref-test", tracking_uri=uri) == "2"
-    model, meta = g.load_model("models:/ref-test/2", tracking_uri=uri)
+    model, meta = load_model("models:/ref-test/2", tracking_uri=uri)
     assert _same(model, second) and meta["final_url"] == final
 
     # Gone: the version's weights were deleted from the store; the error says what happened.
     fs, path = filesystem(kept)
     fs.rm(path, recursive=True)
     with pytest.raises(FileNotFoundError, match="is gone: that URL now holds other weights"):
-        g.load_model("models:/ref-test@champion", tracking_uri=uri)
+        load_model("models:/ref-test@champion", tracking_uri=uri)
 
 
 def test_an_export_whose_weights_do_not_match_its_digest_is_refused(tmp_path):
@@ -75,5 +74,5 @@ def test_an_export_whose_weights_do_not_match_its_digest_is_refused(tmp_path):
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1  # one flipped bit in the last tensor
     weights.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="does not match the sha256 its config.json records"):
+    with pytest.raises(ValueError, match="does not match the sha256 its metadata records"):
         read_final(final)

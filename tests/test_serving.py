@@ -13,9 +13,9 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from mardini.export import export_final
 from mardini.mlflow_model import RequestError, parse_request, save_reference
 from mardini.models import build_model
-from mardini.train.checkpoint import export_final
 
 SIZE = 32
 
@@ -107,7 +107,7 @@ def test_the_model_shows_its_request_schema_and_a_working_example(pyfunc):
 def test_saving_a_version_does_not_load_its_weights(tmp_path, monkeypatch):
     """MLflow runs load_context and predict on the input example when it saves a type-hinted
     model; for us that would read a paper-scale export (14.4 GB) in the flow's pod."""
-    import mardini.generate
+    import mardini.export
 
     torch.manual_seed(0)
     model = build_model("debug")
@@ -115,9 +115,9 @@ def test_saving_a_version_does_not_load_its_weights(tmp_path, monkeypatch):
             "model": model.cfg.model_dump(mode="json")}  # fmt: skip
     final = export_final(model.state_dict(), meta, str(tmp_path / "stage"))
     loads = []
-    real = mardini.generate.load_model
+    real = mardini.export.load_model
     monkeypatch.setattr(
-        mardini.generate, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k)
+        mardini.export, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k)
     )
     save_reference(final, tmp_path / "pyfunc")
     assert loads == []

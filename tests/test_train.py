@@ -15,10 +15,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from mardini.config import load_config
+from mardini.export import load_init, read_final
 from mardini.layout import stage_dir
 from mardini.models import build_model
 from mardini.storage import filesystem, join
-from mardini.train.checkpoint import load_init, read_final
 from pipelines.launchers.local import run_local
 from tests.conftest import CONFIGS
 
@@ -183,7 +183,7 @@ def test_a_resumed_stage_reads_its_checkpoint_not_its_init_from(curriculum, tmp_
 
 
 def test_secrets_never_become_params():
-    from mardini.train.tracking import flatten
+    from mardini.mlflow_setup import flatten
 
     flat = flatten({"data": {"aws_secret_access_key": "x", "token": "y", "shards": "s3://b"}})
     assert flat == {"data.shards": "s3://b"}
@@ -300,7 +300,7 @@ def test_training_from_cached_latents_takes_the_same_steps(tmp_path, train_shard
     """`data.latents: true` reads the latent cache instead of mp4: with the pixel autoencoder
     the latents are the frames, so every loss equals the mp4 run's, bit for bit."""
     from mardini.data.latent_cache import cache_latents
-    from mardini.train.checkpoint import stage_autoencoder
+    from mardini.export import stage_autoencoder
 
     shards = tmp_path / "shards"
     shutil.copytree(train_shards, shards)

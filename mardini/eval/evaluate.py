@@ -55,10 +55,12 @@ from mardini.eval.gates import known_metrics
 from mardini.eval.heldout import GRID, batch_heldout_loss
 from mardini.eval.metrics import BASELINES, baseline, frechet_distance, fvd_embedder, psnr, ssim
 from mardini.eval.pictures import draw_grid, to_video
-from mardini.generate import load_model, sample_kind, save_video, stage_setting
+from mardini.export import load_model, stage_setting
+from mardini.generate import sample_kind
 from mardini.masking import i2v_mask, interpolation_mask
 from mardini.models import MarDini
 from mardini.storage import store_root
+from mardini.video import save_video
 
 log = logging.getLogger(__name__)
 
@@ -476,7 +478,7 @@ def log_to_mlflow(
     the run id."""
     from mlflow.entities import Metric
 
-    from mardini.train.tracking import mlflow_client
+    from mardini.mlflow_setup import mlflow_client
 
     client = mlflow_client(tracking_uri)
     if run_id is None:

@@ -2,7 +2,8 @@
 
 Layout under ``{store}/runs/{curriculum}/{stage}/``:
 ``checkpoints/step-N/`` DeepSpeed ZeRO-3 files of every rank; ``checkpoints/latest`` the tag of
-the newest *complete* checkpoint; ``final/model.safetensors`` + ``final/config.json``.
+the newest *complete* checkpoint. The stage's consolidated export ``final/`` is
+``mardini.export``'s.
 
 Protocol: every rank saves into its own local directory and uploads its own files (each
 transfer retried with backoff, ``mardini.storage.retry``); a barrier with an all-reduced
@@ -15,10 +16,8 @@ that is 1/256 of the checkpoint per rank, not all of it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import tempfile
@@ -29,29 +28,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 
-from mardini.layout import final_url
 from mardini.storage import filesystem, join, retry
+from mardini.train.faults import fault_point
 
 log = logging.getLogger(__name__)
-
-
-def fault_point(point: str) -> None:
-    """Test hook: ``MARDINI_FAULT=<point>:<rank>`` SIGKILLs that rank at that point (e.g.
-    ``after-upload:step-4:1``, ``step:3:0``); used by the crash/resume tests.
-    ``MARDINI_FAULT_SIGNAL=TERM`` sends SIGTERM instead (a pod being stopped). The fault is one
-    event: a worker group that torchrun restarted (``TORCHELASTIC_RESTART_COUNT`` > 0) runs on."""
-    spec = os.environ.get("MARDINI_FAULT", "")
-    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return
-    want, _, rank = spec.rpartition(":")
-    if want == point and rank == os.environ.get("RANK", "0"):
-        import signal
-
-        sig = getattr(signal, f"SIG{os.environ.get('MARDINI_FAULT_SIGNAL', 'KILL')}")
-        log.warning("fault injection: %s to rank %s at %s", sig.name, rank, point)
-        os.kill(os.getpid(), sig)
 
 
 @dataclass
@@ -221,167 +202,3 @@ def rank_files(listing: list[str], rank: int, world_size: int, where: str) -> li
 def rank_state_name(rank: int) -> str:
     """The file of a checkpoint that holds ``rank``'s own part of its ``TrainState``."""
     return f"rank_{rank}_state.json"
-
-
-def export_final(state: dict[str, torch.Tensor], meta: dict[str, Any], stage_url: str) -> str:
-    """Write ``final/model.safetensors`` and ``final/config.json``; returns the final URL.
-
-    ``config.json`` records the weights' SHA-256 (``weights_sha256``): registered model versions
-    refer to an export by URL and digest (``mardini.mlflow_model``). An export with other
-    weights already at ``final/`` (the stage retrained with a new config) is first copied to
-    ``superseded/{digest}/`` beside it, so the versions that refer to it keep loading."""
-    final = join(stage_url, "final")
-    fs, path = filesystem(final)
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = f"{tmp}/model.safetensors"
-        save_file({k: v.contiguous() for k, v in state.items()}, weights)
-        meta = {**meta, "weights_sha256": file_sha256(weights)}
-        Path(f"{tmp}/config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        _keep_superseded(final, meta["weights_sha256"])
-        # config.json last: its presence marks a complete export (and its absence a torn one).
-        if fs.exists(f"{path}/config.json"):
-            fs.rm_file(f"{path}/config.json")
-        fs.put_file(weights, f"{path}/model.safetensors")
-        fs.put_file(f"{tmp}/config.json", f"{path}/config.json")
-    return final
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a local file, read in 16 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def superseded_url(final_url: str, sha256: str) -> str:
-    """Where an export with weights ``sha256`` is kept once ``final_url`` holds other weights."""
-    return join(final_url.rstrip("/").rsplit("/", 1)[0], "superseded", sha256[:16])
-
-
-def _keep_superseded(final_url: str, new_sha256: str) -> None:
-    """Copy the export at ``final_url`` to ``superseded/`` if it holds other (hashed) weights.
-    A server-side copy on an object store: the weights do not pass through this process."""
-    old = read_final_meta(final_url)
-    old_sha = (old or {}).get("weights_sha256")
-    if not old_sha or old_sha == new_sha256:
-        return
-    keep = superseded_url(final_url, old_sha)
-    if read_final_meta(keep) is not None:
-        return
-    fs, src = filesystem(final_url)
-    _, dst = filesystem(keep)
-    for name in ("model.safetensors", "config.json"):  # config.json last, as in an export
-        retry(lambda n=name: fs.copy(f"{src}/{n}", f"{dst}/{n}"), f"copying {final_url}/{name}")
-    log.info("kept the export replaced at %s as %s", final_url, keep)
-
-
-def referenced_export(final_url: str, sha256: str | None) -> str:
-    """The export with weights ``sha256`` that was written at ``final_url``: ``final_url`` itself
-    while it still holds them, else its ``superseded/`` copy; FileNotFoundError if neither.
-    Without a digest (an export written before they were recorded) ``final_url`` as it is."""
-    if not sha256:
-        if read_final_meta(final_url) is None:
-            raise FileNotFoundError(f"no finished export at {final_url} (config.json missing)")
-        return final_url
-    for url in (final_url, superseded_url(final_url, sha256)):
-        meta = read_final_meta(url)
-        if meta is not None and meta.get("weights_sha256") == sha256:
-            return url
-    raise FileNotFoundError(
-        f"the export registered from {final_url} (weights sha256 {sha256[:16]}) is gone: that "
-        f"URL now holds other weights and {superseded_url(final_url, sha256)} does not exist; "
-        "register the stage's current export again, or restore the store"
-    )
-
-
-def read_final_meta(final_url: str) -> dict[str, Any] | None:
-    """The metadata of a complete export at ``final_url`` (its config.json, written last), or
-    None when there is none."""
-    fs, path = filesystem(final_url)
-    try:
-        return json.loads(retry(lambda: fs.cat_file(f"{path}/config.json"), f"reading {final_url}"))
-    except FileNotFoundError:
-        return None
-
-
-def read_final(final_url: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load an exported ``final/`` directory (local or remote): weights and metadata. Weights
-    whose digest differs from the one ``config.json`` records (a torn or mixed export) are
-    refused."""
-    meta = read_final_meta(final_url)
-    if meta is None:
-        raise FileNotFoundError(
-            f"no finished export at {final_url} (config.json missing): train that stage first"
-        )
-    fs, path = filesystem(final_url)
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = f"{tmp}/model.safetensors"
-        retry(lambda: fs.get_file(f"{path}/model.safetensors", weights), f"reading {final_url}")
-        want = meta.get("weights_sha256")
-        if want and file_sha256(weights) != want:
-            raise ValueError(
-                f"{final_url}/model.safetensors does not match the sha256 its config.json "
-                "records: the export is torn or mixed; export the stage again"
-            )
-        return load_file(weights), meta
-
-
-def resolve_init_source(source: str, store: str, curriculum: str) -> str:
-    """URL of the ``final/`` export an ``init_from`` entry names (stage name or models:/ URI)."""
-    if source.startswith("models:/"):
-        from mardini.mlflow_model import registered_export
-
-        return registered_export(source)
-    return final_url(store, curriculum, source)
-
-
-def load_init(
-    model: torch.nn.Module,
-    sources: list[str],
-    store: str,
-    curriculum: str,
-    only: tuple[str, ...] | None = None,
-) -> list[str]:
-    """Copy into ``model`` the parts each source trained, in order (of those, only the parts
-    in ``only`` when given); returns what was loaded."""
-    loaded = []
-    for source in sources:
-        url = resolve_init_source(source, store, curriculum)
-        state, meta = read_final(url)
-        parts = tuple(meta.get("trained_parts", ()))
-        if not parts:
-            raise ValueError(f"{url}/config.json lists no trained_parts; cannot tell what to load")
-        if only is not None:
-            parts = tuple(p for p in parts if p in only)
-            if not parts:
-                continue
-        picked = {k: v for k, v in state.items() if k.split(".", 1)[0] in parts}
-        own = model.state_dict()
-        missing = [k for k in own if k.split(".", 1)[0] in parts and k not in picked]
-        if missing:
-            raise ValueError(f"{url} lacks weights for {missing[:5]} (model changed since export?)")
-        for key, value in picked.items():
-            if key not in own or own[key].shape != value.shape:
-                raise ValueError(
-                    f"{url}: weight {key} has shape {tuple(value.shape)}, the model expects "
-                    f"{tuple(own[key].shape) if key in own else 'no such weight'}"
-                )
-        model.load_state_dict(picked, strict=False)
-        loaded.append(f"{source}: {', '.join(parts)}")
-        log.info("initialised %s from %s", ", ".join(parts), url)
-    return loaded
-
-
-def stage_autoencoder(cfg: Any, stage: Any, store: str) -> torch.nn.Module:
-    """The autoencoder stage ``stage`` of curriculum ``cfg`` trains with: built as the trainer
-    builds the model (same seed, so a random KL init is the same), then loaded from whatever
-    ``init_from`` source trained it. What the latent cache must encode with."""
-    from mardini.autoencoder import build_autoencoder
-
-    torch.manual_seed(cfg.seed)  # MarDini builds its autoencoder first: the same weights
-    holder = torch.nn.Module()
-    holder.autoencoder = build_autoencoder(cfg.model.autoencoder)
-    load_init(holder, stage.init_from, store, cfg.name, only=("autoencoder",))
-    return holder.autoencoder

@@ -29,19 +29,15 @@ import yaml
 
 from mardini.config import TRAINED_PARTS, CurriculumConfig, StageConfig
 from mardini.data.augment import augment_clips, reverse_some
+from mardini.export import export_final, load_init
 from mardini.layout import shards_url, stage_dir
 from mardini.masking import MaskSampler
 from mardini.models import MarDini, build_model
 from mardini.models.flops import KIND_PARTS, mfu, train_flops
 from mardini.progress import step_line
 from mardini.storage import join, store_root
-from mardini.train.checkpoint import (
-    CheckpointManager,
-    TrainState,
-    export_final,
-    fault_point,
-    load_init,
-)
+from mardini.train.checkpoint import CheckpointManager, TrainState
+from mardini.train.faults import fault_point
 from mardini.train.tracking import Tracker, git_commit
 
 log = logging.getLogger(__name__)
@@ -141,6 +137,20 @@ def lr_lambda(stage: StageConfig):
     return factor
 
 
+def pick_accelerator(force_cpu: bool = False) -> bool:
+    """True to run on CUDA. Otherwise ``DS_ACCELERATOR=cpu`` (unless set), which DeepSpeed reads
+    and caches when it is imported: call this before importing deepspeed. The one place that
+    decides it; launchers and pod specs leave it to the trainer (the CPU image also sets it)."""
+    on_gpu = (
+        not force_cpu
+        and torch.cuda.is_available()
+        and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+    )
+    if not on_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return on_gpu
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """Join the process group torchrun set up: nccl on GPU, gloo on CPU (``DS_ACCELERATOR=cpu``)."""
     if "RANK" not in os.environ:
@@ -148,10 +158,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
             "mardini.train runs under torchrun, e.g. `torchrun --nproc-per-node 2 -m mardini.train "
             "--config configs/tiny.yaml --stage mar` (DS_ACCELERATOR=cpu on a machine without GPUs)"
         )
-    on_gpu = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
-    if not on_gpu:
-        # Before the import: deepspeed picks (and caches) its accelerator when imported.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    on_gpu = pick_accelerator()
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")

@@ -19,8 +19,8 @@ import time
 from typing import Any
 
 from mardini.config import CurriculumConfig
-from pipelines.launchers.kubeflow import KUEUE_QUEUE_LABEL, LaunchConfig, _pod_spec, job_labels
-from pipelines.launchers.local import LaunchError
+from pipelines.launchers.contract import LaunchError
+from pipelines.launchers.pytorchjob import KUEUE_QUEUE_LABEL, LaunchConfig, job_labels, pod_spec
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def build_job(
 
     lc = one_gpu_share(launch or LaunchConfig.from_env(os.environ))
     labels = {**job_labels(cfg, stage, run_id), "app.kubernetes.io/component": component}
-    pod = _pod_spec(lc, command)
+    pod = pod_spec(lc, command)
     pod.restart_policy = "Never"  # a failed pod is retried as a new pod (backoffLimit)
     # Queued like the training jobs (on the Job only: Kueue admits workloads, not pods).
     queue = {KUEUE_QUEUE_LABEL: lc.kueue_queue} if lc.kueue_queue else {}

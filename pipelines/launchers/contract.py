@@ -1,4 +1,5 @@
-"""The launch contract: the one command every training replica runs, locally and in a PyTorchJob.
+"""The launch contract: the one command every training replica runs, locally and in a PyTorchJob,
+and the error every launcher raises when a job fails.
 
 Elastic: the nodes meet at a c10d rendezvous (``$PET_RDZV_ENDPOINT``, hosted by the agent
 there) instead of a fixed master and node rank, and torchrun restarts the whole worker group
@@ -22,6 +23,14 @@ LAUNCH_CONTRACT = (
 # here in 4 of 6 restarts (pytorch/pytorch#135712). A store per round avoids it. Both
 # launchers set this on every node.
 ELASTIC_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+class LaunchError(RuntimeError):
+    """A training job failed; the message names the node/rank and holds its last log lines."""
+
+    def __init__(self, message: str, tail: list[str]):
+        super().__init__(message + ("\n--- last log lines ---\n" + "\n".join(tail) if tail else ""))
+        self.tail = tail
 
 
 def contract_words(config_path: str, stage: str) -> list[str]:

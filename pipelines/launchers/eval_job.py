@@ -13,7 +13,7 @@ from typing import Any
 
 from mardini.config import CurriculumConfig
 from pipelines.launchers.batch_job import build_job
-from pipelines.launchers.kubeflow import LaunchConfig, _dns_label
+from pipelines.launchers.pytorchjob import LaunchConfig, dns_label
 
 
 def eval_command(
@@ -27,7 +27,7 @@ def eval_command(
 
 def eval_job_name(curriculum: str, stage: str, key: str) -> str:
     """``{curriculum}-{stage}-eval-{key}``, a DNS label (63 characters at most)."""
-    return f"{_dns_label(f'{curriculum}-{stage}', max_len=63 - 6 - len(key[:8]))}-eval-{key[:8]}"
+    return f"{dns_label(f'{curriculum}-{stage}', max_len=63 - 6 - len(key[:8]))}-eval-{key[:8]}"
 
 
 def build_eval_job(

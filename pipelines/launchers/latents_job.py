@@ -16,7 +16,7 @@ from typing import Any
 
 from mardini.config import CurriculumConfig
 from pipelines.launchers.batch_job import build_job
-from pipelines.launchers.kubeflow import LaunchConfig, _dns_label
+from pipelines.launchers.pytorchjob import LaunchConfig, dns_label
 
 
 def latents_command(
@@ -55,7 +55,7 @@ def latents_key(
 
 def latents_job_name(curriculum: str, stage: str, key: str) -> str:
     """``{curriculum}-{stage}-latents-{key}``, a DNS label (63 characters at most)."""
-    prefix = _dns_label(f"{curriculum}-{stage}", max_len=63 - 9 - len(key[:8]))
+    prefix = dns_label(f"{curriculum}-{stage}", max_len=63 - 9 - len(key[:8]))
     return f"{prefix}-latents-{key[:8]}"
 
 

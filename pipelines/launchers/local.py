@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mardini.progress import StageEvent, emit, parse_step
-from pipelines.launchers.contract import ELASTIC_ENV, contract_words
+from pipelines.launchers.contract import ELASTIC_ENV, LaunchError, contract_words
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +38,6 @@ PUMP_JOIN_S = 5.0
 DEFAULT_MAX_RESTARTS = 1
 
 TAIL_LINES = 80  # torchrun's own failure report takes about 35 of them
-
-
-class LaunchError(RuntimeError):
-    """A training job failed; the message names the node/rank and holds its last log lines."""
-
-    def __init__(self, message: str, tail: list[str]):
-        super().__init__(message + ("\n--- last log lines ---\n" + "\n".join(tail) if tail else ""))
-        self.tail = tail
 
 
 @dataclass
@@ -108,8 +100,6 @@ def run_local(
     port = free_port()
     run_id = f"{stage}-{port}"  # one rendezvous per launch
     base = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
-    if not _has_cuda():
-        base.setdefault("DS_ACCELERATOR", "cpu")
     base.update(ELASTIC_ENV)
     # Each rank's share of this machine's cores, read when the rank imports torch. Left unset,
     # torchrun sets 1 itself and prints a banner saying so.
@@ -228,12 +218,3 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def _has_cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:
-        return False

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
+from mardini.mlflow_setup import mlflow_client, tracking_uri
 from mardini.storage import is_local_url, join, store_root
-from mardini.train.tracking import mlflow_client, tracking_uri
 from mardini.video import write_video
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,8 @@ def run_workflow_demo(
     quiet_libraries()
     from data_prep.demo_data import demo_dataset
     from mardini.config import load_config
-    from mardini.generate import SampleOptions, interpolate, load_model
+    from mardini.export import load_model
+    from mardini.generate import SampleOptions, interpolate
     from pipelines.promotion import registered_name
 
     store = store_root(store)
