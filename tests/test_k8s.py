@@ -17,16 +17,12 @@ import shutil
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from kubernetes_validate.utils import all_versions
-from referencing import Registry, Resource
 from typer.testing import CliRunner
 
 from mardini.config import load_config
@@ -38,13 +34,23 @@ from pipelines.launchers.pytorchjob import (
     to_dict,
     to_yaml,
 )
+from tests.k8s_policy import (
+    K8S_VERSION,
+    SECRET_NAME,
+    crd_errors,
+    grants,
+    pod_problems,
+    pod_specs,
+    probe_problems,
+    rbac_problems,
+    secret_problems,
+    strings,
+    subset_mismatches,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
 OVERLAYS = ("dev", "prod")
-# A current Kubernetes minor (kubernetes-validate ships schemas per version).
-K8S_VERSION = "1.33"
-CRD_SCHEMA = Path(__file__).parent / "data" / "kubeflow.org_pytorchjobs.v1.schema.json"
 # The command every training container runs, written out here (not imported from
 # pipelines/launchers/contract.py) so that a change to the contract fails this test.
 CONTRACT = (
@@ -52,8 +58,6 @@ CONTRACT = (
     "--rdzv-backend $PET_RDZV_BACKEND --rdzv-endpoint $PET_RDZV_ENDPOINT --rdzv-id $PET_RDZV_ID "
     "--max-restarts $PET_MAX_RESTARTS -m mardini.train --config {config} --stage {stage}"
 )
-POD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "ReplicaSet"}
-SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|API_KEY|AUTH_STRING", re.I)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -84,148 +88,6 @@ def named(objs: tuple[dict[str, Any], ...], kind: str, name: str) -> dict[str, A
     hits = [o for o in objs if o["kind"] == kind and o["metadata"]["name"].startswith(name)]
     assert len(hits) == 1, f"expected one {kind} {name}, found {[o['metadata'] for o in hits]}"
     return hits[0]
-
-
-def pod_specs(obj: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``(where, pod spec)`` for every pod template in a workload or a PyTorchJob."""
-    where = f"{obj['kind']}/{obj['metadata'].get('name') or obj['metadata'].get('generateName')}"
-    if obj["kind"] == "PyTorchJob":
-        for rtype, spec in obj["spec"]["pytorchReplicaSpecs"].items():
-            yield f"{where}[{rtype}]", spec["template"]["spec"]
-    elif obj["kind"] in POD_KINDS:
-        yield where, obj["spec"]["template"]["spec"]
-
-
-def pod_problems(obj: dict[str, Any]) -> list[str]:
-    """Policy violations of every pod in ``obj``: root, privilege, hostPath, missing limits."""
-    problems = []
-    for where, spec in pod_specs(obj):
-        pod_sc = spec.get("securityContext", {})
-        for key in ("hostNetwork", "hostPID", "hostIPC"):
-            if spec.get(key):
-                problems.append(f"{where}: {key}")
-        for vol in spec.get("volumes", []):
-            if "hostPath" in vol:
-                problems.append(f"{where}: hostPath volume {vol['name']}")
-        for c in spec.get("initContainers", []) + spec["containers"]:
-            at = f"{where}/{c['name']}"
-            sc = c.get("securityContext", {})
-            if not sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")):
-                problems.append(f"{at}: runAsNonRoot is not set")
-            if sc.get("runAsUser", pod_sc.get("runAsUser")) == 0:
-                problems.append(f"{at}: runs as UID 0")
-            if sc.get("privileged"):
-                problems.append(f"{at}: privileged")
-            if sc.get("allowPrivilegeEscalation", True):
-                problems.append(f"{at}: allowPrivilegeEscalation is not false")
-            if "ALL" not in sc.get("capabilities", {}).get("drop", []):
-                problems.append(f"{at}: capabilities not dropped")
-            if sc.get("capabilities", {}).get("add"):
-                problems.append(f"{at}: adds capabilities")
-            resources = c.get("resources", {})
-            for kind in ("requests", "limits"):
-                for res in ("cpu", "memory"):
-                    if res not in resources.get(kind, {}):
-                        problems.append(f"{at}: no {res} in resources.{kind}")
-            image = c.get("image", "")
-            if ":" not in image.rsplit("/", 1)[-1] and "@" not in image:
-                problems.append(f"{at}: image {image!r} has no tag")
-            if image.endswith(":latest"):
-                problems.append(f"{at}: image {image!r} uses :latest")
-    return problems
-
-
-def strings(node: Any, path: str = "") -> Iterator[tuple[str, str]]:
-    """Every string value in a nested document, with its path."""
-    if isinstance(node, dict):
-        for k, v in node.items():
-            yield from strings(v, f"{path}.{k}")
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            yield from strings(v, f"{path}[{i}]")
-    elif isinstance(node, str):
-        yield path, node
-
-
-def secret_problems(obj: dict[str, Any]) -> list[str]:
-    """Literal credentials: Secret objects, secret-named env values, passwords inside URLs."""
-    where = f"{obj['kind']}/{obj['metadata'].get('name')}"
-    if obj["kind"] == "Secret":
-        return [f"{where}: Secret objects must be created by the operator, not shipped"]
-    problems = []
-    if obj["kind"] == "ConfigMap":
-        problems += [
-            f"{where}: key {k} looks secret" for k in obj.get("data", {}) if SECRET_NAME.search(k)
-        ]
-    for path, text in strings(obj):
-        # `$(VAR)` references are expanded by Kubernetes from Secret-backed env vars.
-        for user, password in re.findall(r"://([^/\s:@]+):([^/\s@]+)@", text):
-            if not (
-                re.fullmatch(r"\$\([A-Z_]+\)", user) and re.fullmatch(r"\$\([A-Z_]+\)", password)
-            ):
-                problems.append(f"{where}{path}: credentials in a URL")
-    for _, spec in pod_specs(obj):
-        for c in spec.get("initContainers", []) + spec["containers"]:
-            for env in c.get("env", []):
-                if SECRET_NAME.search(env["name"]) and "value" in env:
-                    problems.append(f"{where}/{c['name']}: env {env['name']} has a literal value")
-    return problems
-
-
-def subset_mismatches(declared: Any, actual: Any, path: str = "") -> list[str]:
-    """Where ``actual`` differs from ``declared`` on the fields ``declared`` has."""
-    if isinstance(declared, dict):
-        if not isinstance(actual, dict):
-            return [f"{path}: expected a mapping, got {actual!r}"]
-        out = []
-        for key, value in declared.items():
-            if key not in actual:
-                out.append(f"{path}.{key}: missing from render-job output")
-            else:
-                out += subset_mismatches(value, actual[key], f"{path}.{key}")
-        return out
-    if isinstance(declared, list):
-        if not isinstance(actual, list) or len(actual) != len(declared):
-            return [f"{path}: expected {len(declared)} items, got {actual!r}"]
-        return [
-            m
-            for i, (d, a) in enumerate(zip(declared, actual, strict=True))
-            for m in subset_mismatches(d, a, f"{path}[{i}]")
-        ]
-    return (
-        [] if declared == actual else [f"{path}: template has {declared!r}, render-job {actual!r}"]
-    )
-
-
-@functools.cache
-def k8s_registry() -> tuple[Registry, dict[str, Any]]:
-    """kubernetes-validate's strict core definitions, to resolve the CRD schema's $refs."""
-    import importlib.resources
-
-    version = max(
-        (v for v in all_versions() if v.startswith(K8S_VERSION)),
-        default=None,
-    )
-    assert version, f"kubernetes-validate has no schemas for {K8S_VERSION}"
-    base = importlib.resources.files("kubernetes_validate") / "kubernetes-json-schema"
-    defs = json.loads((base / f"v{version}-local-strict" / "_definitions.json").read_text())
-    crd = json.loads(CRD_SCHEMA.read_text())
-    registry = Registry().with_resources(
-        [
-            ("https://kubernetes.io/api/_definitions.json", Resource.from_contents(defs)),
-            (crd["$id"], Resource.from_contents(crd)),
-        ]
-    )
-    return registry, crd
-
-
-def crd_errors(job: dict[str, Any]) -> list[str]:
-    """Violations of the PyTorchJob CRD schema, as ``path: message``."""
-    registry, crd = k8s_registry()
-    validator = jsonschema.Draft202012Validator(crd, registry=registry)
-    return [
-        f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(job)
-    ]
 
 
 @pytest.fixture
@@ -275,47 +137,24 @@ def test_overlay_renders_valid_objects(overlay: str) -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_pods_are_non_root_unprivileged_and_bounded(overlay: str) -> None:
     objs = render(overlay)
-    problems = [p for o in objs for p in pod_problems(o)]
+    problems = [p for o in objs for p in pod_problems(o) + probe_problems(o)]
     assert not problems, "\n".join(problems)
-    for obj in objs:
-        for where, spec in pod_specs(obj):
-            for c in spec["containers"]:
-                for probe in ("readinessProbe", "livenessProbe"):
-                    assert probe in c, f"{where}/{c['name']}: no {probe}"
+    assert [where for o in objs for where, _ in pod_specs(o)], "no pod to check"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_rbac_is_namespaced_without_wildcards(overlay: str) -> None:
     objs = render(overlay)
-    kinds = {o["kind"] for o in objs}
-    assert not kinds & {"ClusterRole", "ClusterRoleBinding"}, "nothing cluster-wide"
     namespace = named(objs, "Namespace", "mardini")["metadata"]["name"]
-    grants: dict[str, set[tuple[str, str, str]]] = {}
-    roles = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Role"}
-    for role in roles.values():
-        for rule in role["rules"]:
-            for key in ("apiGroups", "resources", "verbs"):
-                assert "*" not in rule.get(key, []), f"Role {role['metadata']['name']}: * in {key}"
-            assert not rule.get("nonResourceURLs"), "Roles cannot grant non-resource URLs"
-    for binding in (o for o in objs if o["kind"] == "RoleBinding"):
-        assert binding["roleRef"]["kind"] == "Role"
-        for subject in binding["subjects"]:
-            assert subject["kind"] == "ServiceAccount"
-            assert subject["namespace"] == namespace
-            for rule in roles[binding["roleRef"]["name"]]["rules"]:
-                grants.setdefault(subject["name"], set()).update(
-                    (g, r, v)
-                    for g in rule["apiGroups"]
-                    for r in rule["resources"]
-                    for v in rule["verbs"]
-                )
+    problems = rbac_problems(objs, namespace)
+    assert not problems, "\n".join(problems)
     pytorchjobs = {
         ("kubeflow.org", "pytorchjobs", v) for v in ("create", "get", "list", "watch", "delete")
     }
     reads = {("", "pods", v) for v in ("get", "list", "watch")} | {("", "pods/log", "get")}
     flow_runs = {("batch", "jobs", v) for v in ("create", "get", "list", "watch", "delete")}
     # Exactly these, nothing more; only the Prefect worker has any.
-    assert grants == {"prefect-worker": pytorchjobs | reads | flow_runs}
+    assert grants(objs) == {"prefect-worker": pytorchjobs | reads | flow_runs}
     worker = named(objs, "Deployment", "prefect-worker")["spec"]["template"]["spec"]
     assert worker["serviceAccountName"] == "prefect-worker"
     for name in ("mlflow", "prefect-server"):
@@ -340,32 +179,6 @@ def test_overlay_has_no_literal_secrets(overlay: str) -> None:
                     ref = env.get("valueFrom", {}).get("secretKeyRef")
                     if ref:
                         assert re.search(rf"^{ref['key']}=", examples[ref["name"]], re.M), ref
-
-
-def test_policy_checks_catch_violations() -> None:
-    bad = {
-        "kind": "Deployment",
-        "metadata": {"name": "bad"},
-        "spec": {"template": {"spec": {
-            "hostNetwork": True,
-            "volumes": [{"name": "root", "hostPath": {"path": "/"}}],
-            "containers": [{
-                "name": "c", "image": "busybox",
-                "securityContext": {"privileged": True, "runAsUser": 0},
-                "resources": {"requests": {"cpu": "1"}},
-                "env": [{"name": "DB_PASSWORD", "value": "hunter2"},
-                        {"name": "URL", "value": "postgresql://admin:hunter2@db/x"}],
-            }],
-        }}},
-    }  # fmt: skip
-    problems = pod_problems(bad)
-    for expected in ("hostNetwork", "hostPath", "runAsNonRoot", "UID 0", "privileged",
-                     "allowPrivilegeEscalation", "no memory in resources.requests",
-                     "no cpu in resources.limits", "has no tag"):  # fmt: skip
-        assert any(expected in p for p in problems), (expected, problems)
-    secrets = secret_problems(bad)
-    assert any("DB_PASSWORD" in p for p in secrets) and any("URL" in p for p in secrets), secrets
-    assert secret_problems({"kind": "Secret", "metadata": {"name": "s"}, "data": {}})
 
 
 def test_prod_overlay_enables_basic_auth_and_gpu_defaults() -> None:
