@@ -67,6 +67,14 @@ class GeneratorConfig(_Strict):
     # frames of a moving scene is a double exposure; a blend of motion-compensated references
     # is what interpolation networks (FILM, RIFE) build on. Not in the paper (issue 12).
     reference_motion: bool = False
+    # With ``reference_path``, > 0: a classical motion search between the two references (for
+    # each frame between them, every linear motion of up to this many latent pixels across the
+    # gap, scored by how well the two references agree along it; bench/motion_bound.py) gives
+    # the generator a third candidate, the motion-compensated blend, and a map of how clearly
+    # the best motion beats none. Both enter the tokens; the x0 prediction adds the candidate's
+    # difference to the blend with learned weights that start at zero. Not in the paper
+    # (issue 12): what the search finds needs no training, what to trust of it does.
+    reference_search: int = Field(default=0, ge=0, le=8)
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> GeneratorConfig:
@@ -156,6 +164,11 @@ class ModelConfig(_Strict):
             raise ValueError(
                 "generator.reference_motion warps the reference path's frames: "
                 "set generator.reference_path: true (or reference_motion: false)"
+            )
+        if self.generator.reference_search and not self.generator.reference_path:
+            raise ValueError(
+                "generator.reference_search adds a candidate to the reference path's blend: "
+                "set generator.reference_path: true (or reference_search: 0)"
             )
         return self
 

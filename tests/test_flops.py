@@ -28,6 +28,13 @@ def models():
     # tiny.yaml's generator: x0 prediction with the reference path.
     path = ModelConfig(preset="debug", prediction="x0", generator={"reference_path": True})
     models["debug+reference_path"] = build_model(path)
+    # small.yaml's: the same with a motion search between the references.
+    search = ModelConfig(
+        preset="debug",
+        prediction="x0",
+        generator={"reference_path": True, "reference_search": 2},
+    )
+    models["debug+reference_search"] = build_model(search)
     return models
 
 
@@ -55,6 +62,7 @@ CASES = [
     ("tiny", "mar", None),
     ("debug+reference_path", "dm", "temporal"),
     ("debug+reference_path", "joint", "spatiotemporal"),
+    ("debug+reference_search", "dm", "temporal"),
 ]
 
 

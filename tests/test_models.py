@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mardini.config import ModelConfig
 from mardini.masking import expansion_mask, i2v_mask, interpolation_mask, random_mask
 from mardini.models import KINDS, PRESETS, build_model
-from mardini.models.generator import neighbour_references
+from mardini.models.generator import blend_weights, motion_search, neighbour_references
 
 SIZE = {"debug": 32, "tiny": 32}
 MASKS = {
@@ -98,7 +99,9 @@ def _capture_block_outputs(module_list):
 
 
 @pytest.mark.parametrize(
-    "reference_path", [False, True, "motion"], ids=["attention", "reference_path", "motion"]
+    "reference_path",
+    [False, True, "motion", "search"],
+    ids=["attention", "reference_path", "motion", "search"],
 )
 @pytest.mark.parametrize("attention", ["temporal", "spatiotemporal"])
 def test_identity_attention_in_generator(attention, reference_path):
@@ -111,6 +114,7 @@ def test_identity_attention_in_generator(attention, reference_path):
         generator={
             "reference_path": bool(reference_path),
             "reference_motion": reference_path == "motion",
+            "reference_search": 2 if reference_path == "search" else 0,
         },
     )
     model = _perturbed(build_model(cfg)).eval()
@@ -252,10 +256,12 @@ def test_neighbour_references_are_the_nearest_reference_on_each_side():
     torch.testing.assert_close(d_after[0], torch.tensor([1, 0, 2, 1, 0, 6]) / 6)
 
 
-@pytest.mark.parametrize("motion", [False, True], ids=["blend", "motion"])
-def test_untrained_reference_path_predicts_the_linear_blend_and_needs_x0(motion):
+@pytest.mark.parametrize(
+    "motion, search", [(False, 0), (True, 0), (False, 2)], ids=["blend", "motion", "search"]
+)
+def test_untrained_reference_path_predicts_the_linear_blend_and_needs_x0(motion, search):
     torch.manual_seed(0)
-    generator = {"reference_path": True, "reference_motion": motion}
+    generator = {"reference_path": True, "reference_motion": motion, "reference_search": search}
     cfg = ModelConfig(preset="debug", prediction="x0", generator=generator)
     model = build_model(cfg)
     # Interpolation (frames 0 and 4 given) and image-to-video (frame 0 given).
@@ -272,6 +278,36 @@ def test_untrained_reference_path_predicts_the_linear_blend_and_needs_x0(motion)
         ModelConfig(preset="debug", generator={"reference_path": True})
     with pytest.raises(ValueError, match="reference_path: true"):
         ModelConfig(preset="debug", prediction="x0", generator={"reference_motion": True})
+    with pytest.raises(ValueError, match="reference_path: true"):
+        ModelConfig(preset="debug", prediction="x0", generator={"reference_search": 2})
+
+
+def test_motion_search_finds_a_translation_the_blend_doubles():
+    """A smooth scene sliding 1 px per frame: between its first and last frame, the searched
+    candidate is close to the true frames where the blend is a double exposure; frames with
+    one reference get a copy of it, and reference frames and one-sided frames read 0 clarity."""
+    torch.manual_seed(0)
+    scene = F.interpolate(torch.rand(1, 3, 12, 12) * 2 - 1, size=(48, 48), mode="bicubic")
+    video = torch.stack([scene[..., 8:40, 8 + k : 40 + k] for k in range(5)], dim=1)  # B T C H W
+    mask = torch.tensor([[True, False, False, False, True]])
+    before, after, d_before, d_after = neighbour_references(video, mask)
+    searched, clarity = motion_search(before, after, d_before, d_after, radius=4)
+    w_before, w_after = (w[..., None, None, None] for w in blend_weights(d_before, d_after))
+    blend = w_before * before + w_after * after
+
+    def error(frames):
+        return (frames - video)[0, 1:4].pow(2).mean().item()
+
+    # Not exact: sub-pixel fetches are bilinear, and content entering at the edge is unknown.
+    assert error(searched) < error(blend) / 5, (error(searched), error(blend))
+    assert (clarity[0, 1:4].mean((1, 2, 3)) > 1).all()
+    assert clarity[0, [0, 4]].abs().max() == 0
+
+    image_to_video = torch.tensor([[True, False, False, False, False]])
+    refs = neighbour_references(video, image_to_video)
+    searched, clarity = motion_search(*refs, radius=4)
+    torch.testing.assert_close(searched, video[:, :1].expand_as(video))
+    assert clarity.abs().max() == 0
 
 
 def test_reference_motion_moves_the_references_along_the_predicted_field():

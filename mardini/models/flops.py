@@ -150,14 +150,16 @@ def generator_flops(
         + _linear(rows, g.mlp, d)
     )
     references = 0
-    if (
-        g.reference_path
-    ):  # ReferencePath: embedding, per-frame mix MLP (6 -> 64 -> 3), per-pixel mix
+    if g.reference_path:
+        # ReferencePath: embedding, per-frame mix MLP (6 -> 64 -> 3), per-pixel mix; a motion
+        # search adds a candidate (C + 1 input channels, one more weight of each mix) and its
+        # own cost (grid samples and pooling, not matrix products: not counted).
+        search = 1 if g.reference_search else 0
         references = (
-            _linear(rows, g.patch**2 * (2 * c + 2), d)
+            _linear(rows, g.patch**2 * (2 * c + 2 + search * (c + 1)), d)
             + _linear(bt, 6, 64)
-            + _linear(bt, 64, 3)
-            + _linear(rows, d, g.patch**2 * 2)
+            + _linear(bt, 64, 3 + search)
+            + _linear(rows, d, g.patch**2 * (2 + search))
         )
     return (
         references

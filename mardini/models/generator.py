@@ -30,7 +30,11 @@ instead of being learned through attention, and training learns what to change i
 With ``reference_motion`` the two references are first warped (bilinear ``grid_sample``) along
 a motion field the transformer predicts per token, zero at initialisation: what a blend of a
 moving scene lacks is where things moved, and a warp expresses that with four numbers per
-token where pixel corrections need every pixel. Measured in bench/quality.py (issue 12).
+token where pixel corrections need every pixel. With ``reference_search`` a classical motion
+search between the two references (``motion_search``, no parameters) offers a third candidate,
+the motion-compensated blend, with a map of how clearly its motion beats none; the generator
+learns how far to trust it (weights zero at initialisation). Measured in bench/quality.py
+(issue 12).
 """
 
 from __future__ import annotations
@@ -89,6 +93,87 @@ def blend_weights(d_before_BT: torch.Tensor, d_after_BT: torch.Tensor):
     return torch.where(on_ref, half, w_before), torch.where(on_ref, half, w_after)
 
 
+# Soft-argmin temperature of ``motion_search`` in squared differences of [-1, 1] values, and
+# the side of the window a motion is scored over (latent pixels); bench/motion_bound.py.
+SEARCH_TEMPERATURE = 1e-3
+SEARCH_WINDOW = 5
+
+
+@torch.no_grad()
+def motion_candidates(
+    before_NCHW: torch.Tensor, after_NCHW: torch.Tensor, a_N: torch.Tensor, radius: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every linear motion's interpolation between two frames and how well it matches.
+
+    For a frame a fraction ``a`` of the way from ``before`` to ``after`` and each motion ``v``
+    in ``[-radius, radius]^2`` pixels across the gap: the candidate
+    ``(1 - a) before(x - a v) + a after(x + (1 - a) v)`` (``K N C H W``, bilinear, edges
+    repeated) and its cost, the mean squared difference of its two terms over a window
+    (``K N 1 H W``). Candidate ``K // 2`` is no motion: the linear blend.
+    """
+    _, _, h, w = before_NCHW.shape
+    ys = torch.linspace(-1 + 1 / h, 1 - 1 / h, h, device=a_N.device, dtype=before_NCHW.dtype)
+    xs = torch.linspace(-1 + 1 / w, 1 - 1 / w, w, device=a_N.device, dtype=before_NCHW.dtype)
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # H W 2, (x, y)
+    unit = before_NCHW.new_tensor([2.0 / w, 2.0 / h])
+    a_N1, a_N111 = a_N[:, None].to(before_NCHW), a_N[:, None, None, None].to(before_NCHW)
+
+    def fetch(frames_NCHW, shift_N2):
+        moved = grid + (shift_N2 * unit)[:, None, None, :]
+        return F.grid_sample(
+            frames_NCHW, moved, mode="bilinear", padding_mode="border", align_corners=False
+        )
+
+    frames, costs = [], []
+    steps = range(-radius, radius + 1)
+    for vx, vy in ((x, y) for y in steps for x in steps):
+        v = before_NCHW.new_tensor([vx, vy])
+        from_before = fetch(before_NCHW, -a_N1 * v)
+        from_after = fetch(after_NCHW, (1 - a_N1) * v)
+        frames.append((1 - a_N111) * from_before + a_N111 * from_after)
+        diff = (from_before - from_after).pow(2).mean(1, keepdim=True)
+        costs.append(
+            F.avg_pool2d(diff, SEARCH_WINDOW, 1, SEARCH_WINDOW // 2, count_include_pad=False)
+        )
+    return torch.stack(frames), torch.stack(costs)
+
+
+@torch.no_grad()
+def motion_search(
+    before_BTCHW: torch.Tensor,
+    after_BTCHW: torch.Tensor,
+    d_before_BT: torch.Tensor,
+    d_after_BT: torch.Tensor,
+    radius: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilateral block matching between each frame's two references (``motion_candidates``).
+
+    Returns the soft-argmin mix of the candidates ``B T C H W`` and ``B T 1 H W`` the log ratio
+    of no motion's cost to the best one's (0 where nothing matches better than no motion).
+    Frames without a reference on both sides get the blend (a copy of their one reference) and
+    0. Reads only reference frames.
+    """
+    b = before_BTCHW.shape[0]
+    both = (d_before_BT < 1) & (d_after_BT < 1)
+    a_N = (d_before_BT / (d_before_BT + d_after_BT).clamp_min(1e-6)).where(both, 0.0).flatten()
+    before, after = (rearrange(x, "b t c h w -> (b t) c h w") for x in (before_BTCHW, after_BTCHW))
+    frames_KNCHW, cost_KN1HW = motion_candidates(before, after, a_N, radius)
+    weights = torch.softmax(-cost_KN1HW / SEARCH_TEMPERATURE, dim=0)
+    searched = (weights * frames_KNCHW).sum(0)
+    still = len(cost_KN1HW) // 2  # v = (0, 0)
+    clarity = (cost_KN1HW[still] + 1e-4).log() - (cost_KN1HW.min(0).values + 1e-4).log()
+    searched = rearrange(searched, "(b t) c h w -> b t c h w", b=b)
+    clarity = rearrange(clarity, "(b t) c h w -> b t c h w", b=b)
+    blend_before, blend_after = (
+        p[..., None, None, None] for p in blend_weights(d_before_BT, d_after_BT)
+    )
+    one_side = (~both)[..., None, None, None]
+    searched = torch.where(
+        one_side, blend_before * before_BTCHW + blend_after * after_BTCHW, searched
+    )
+    return searched, clarity.masked_fill(one_side, 0.0)
+
+
 class ReferencePath(nn.Module):
     """A direct path from the reference frames to the generated frames' x0 prediction."""
 
@@ -101,16 +186,24 @@ class ReferencePath(nn.Module):
     # (latent pixels) of the frame.
     MOTION_GAIN = 2.0
 
-    def __init__(self, in_channels: int, patch: int, width: int, motion: bool = False):
+    def __init__(
+        self, in_channels: int, patch: int, width: int, motion: bool = False, search: int = 0
+    ):
         super().__init__()
         self.patch = patch
-        # Neighbouring references (2 C channels) and their two distance maps, per patch.
-        self.embed = nn.Linear(patch * patch * (2 * in_channels + 2), width)
+        self.search = search
+        # Neighbouring references (2 C channels) and their two distance maps, per patch; with a
+        # motion search also its candidate (C channels) and its clarity map.
+        channels = 2 * in_channels + 2 + (in_channels + 1 if search else 0)
+        self.embed = nn.Linear(patch * patch * channels, width)
         # Per frame: (distances, noise level, which sides exist, how much the two references
-        # differ) -> weights of the reference before, the one after, and the noisy input.
-        self.frame_mix = nn.Sequential(nn.Linear(6, 64), nn.SiLU(), nn.Linear(64, 3))
-        # Per pixel, from the last hidden state: corrections to the weights of both references.
-        self.pixel_mix = nn.Linear(width, patch * patch * 2)
+        # differ) -> weights of the reference before, the one after, and the noisy input (and
+        # of the searched candidate's change to the blend).
+        mixed = 4 if search else 3
+        self.frame_mix = nn.Sequential(nn.Linear(6, 64), nn.SiLU(), nn.Linear(64, mixed))
+        # Per pixel, from the last hidden state: corrections to the weights of both references
+        # (and the searched candidate's).
+        self.pixel_mix = nn.Linear(width, patch * patch * (3 if search else 2))
         # Per token, from the last hidden state: where to fetch each reference from (dx, dy for
         # the one before, dx, dy for the one after), upsampled bilinearly to every pixel.
         self.motion = nn.Linear(width, 4) if motion else None
@@ -130,12 +223,17 @@ class ReferencePath(nn.Module):
         b, t, _, h, w = x_t_BTCHW.shape
         before, after, d_before, d_after = neighbour_references(x_t_BTCHW, frame_mask_BT)
         dist = torch.stack([d_before, d_after], dim=2)[..., None, None].expand(b, t, 2, h, w)
-        tokens = self.embed(patchify(torch.cat([before, after, dist], dim=2), self.patch))
-        return tokens, (before, after, d_before, d_after)
+        inputs = [before, after, dist]
+        searched = None
+        if self.search:
+            searched, clarity = motion_search(before, after, d_before, d_after, self.search)
+            inputs += [searched, clarity]
+        tokens = self.embed(patchify(torch.cat(inputs, dim=2), self.patch))
+        return tokens, (before, after, d_before, d_after, searched)
 
     def mix(self, x_t_BTCHW, t_BT, hidden_BTnD, refs) -> torch.Tensor:
         """The references' contribution to the x0 prediction, ``B T C H W``."""
-        before, after, d_before, d_after = refs
+        before, after, d_before, d_after, searched = refs
         b, t, _, h, w = x_t_BTCHW.shape
         both = (d_before < 1) & (d_after < 1)
         # log mean squared difference of the two references, ~[-2, 0]: 0 where there is one.
@@ -150,11 +248,18 @@ class ReferencePath(nn.Module):
         prior_before, prior_after = (
             p[..., None, None, None] for p in blend_weights(d_before, d_after)
         )
+        # The searched candidate's change to the plain blend, before any warp.
+        change = (
+            None if searched is None else searched - prior_before * before - prior_after * after
+        )
         if self.motion is not None:
             before, after = self.warp(before, after, hidden_BTnD)
         w_before = prior_before + w_BT3[:, :, 0] + pixel_BT2HW[:, :, :1]
-        w_after = prior_after + w_BT3[:, :, 1] + pixel_BT2HW[:, :, 1:]
-        return w_before * before + w_after * after + w_BT3[:, :, 2] * x_t_BTCHW
+        w_after = prior_after + w_BT3[:, :, 1] + pixel_BT2HW[:, :, 1:2]
+        out = w_before * before + w_after * after + w_BT3[:, :, 2] * x_t_BTCHW
+        if change is not None:
+            out = out + (w_BT3[:, :, 3] + pixel_BT2HW[:, :, 2:3]) * change
+        return out
 
     def warp(self, before_BTCHW, after_BTCHW, hidden_BTnD):
         """Both references moved along the motion field predicted from ``hidden_BTnD``."""
@@ -245,7 +350,7 @@ class Generator(nn.Module):
         self.final_ada = nn.Linear(d, 2 * d)
         self.final = nn.Linear(d, p * p * in_channels)
         self.references = (
-            ReferencePath(in_channels, p, d, motion=cfg.reference_motion)
+            ReferencePath(in_channels, p, d, cfg.reference_motion, cfg.reference_search)
             if cfg.reference_path
             else None
         )
