@@ -242,9 +242,9 @@ class ReferencePath(nn.Module):
             [d_before, d_after, t_BT.to(d_before), d_before < 1, d_after < 1, both * differ],
             dim=-1,
         ).to(x_t_BTCHW.dtype)
-        w_BT3 = (self.frame_mix(features) * self.GAIN)[..., None, None, None]
+        frame_w_BTk = (self.frame_mix(features) * self.GAIN)[..., None, None, None]
         pixel = rearrange(self.pixel_mix(hidden_BTnD) * self.GAIN, "b t n q -> b (t n) q")
-        pixel_BT2HW = unpatchify(pixel, t, h, w, self.patch)
+        pixel_w_BTkHW = unpatchify(pixel, t, h, w, self.patch)
         prior_before, prior_after = (
             p[..., None, None, None] for p in blend_weights(d_before, d_after)
         )
@@ -254,11 +254,11 @@ class ReferencePath(nn.Module):
         )
         if self.motion is not None:
             before, after = self.warp(before, after, hidden_BTnD)
-        w_before = prior_before + w_BT3[:, :, 0] + pixel_BT2HW[:, :, :1]
-        w_after = prior_after + w_BT3[:, :, 1] + pixel_BT2HW[:, :, 1:2]
-        out = w_before * before + w_after * after + w_BT3[:, :, 2] * x_t_BTCHW
+        w_before = prior_before + frame_w_BTk[:, :, 0] + pixel_w_BTkHW[:, :, :1]
+        w_after = prior_after + frame_w_BTk[:, :, 1] + pixel_w_BTkHW[:, :, 1:2]
+        out = w_before * before + w_after * after + frame_w_BTk[:, :, 2] * x_t_BTCHW
         if change is not None:
-            out = out + (w_BT3[:, :, 3] + pixel_BT2HW[:, :, 2:3]) * change
+            out = out + (frame_w_BTk[:, :, 3] + pixel_w_BTkHW[:, :, 2:3]) * change
         return out
 
     def warp(self, before_BTCHW, after_BTCHW, hidden_BTnD):
