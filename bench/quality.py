@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import warnings
 
 import torch
@@ -100,6 +101,9 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=32, help="held-out clips evaluated")
     parser.add_argument("--from-scratch", action="store_true", help="skip init_from stages")
     parser.add_argument("--json", default=None, help="append every row as JSON to this file")
+    parser.add_argument(
+        "--save", default=None, help="write each trained model's weights to DIR/VARIANT-STEPS.pt"
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
     store = store_root(args.store)
@@ -136,6 +140,9 @@ def main() -> None:
                     if model_psnr is not None and ref is not None:
                         values[f"{prefix}vs_{base}"] = model_psnr - ref
             print(row(values), flush=True)
+            if args.save:
+                os.makedirs(args.save, exist_ok=True)
+                torch.save(trained.model.state_dict(), f"{args.save}/{name}-{count}.pt")
             if args.json:
                 with open(args.json, "a") as out:
                     record = {"overrides": overrides, "stage": stage.name, **values}

@@ -141,6 +141,11 @@ class ModelConfig(_Strict):
     # irreducible errors) dominate and slow clips are never rendered precisely.
     loss_space: Literal["velocity", "x0"] = "velocity"
     loss_reduction: Literal["mean", "log"] = "mean"
+    # Training only: the noisy input is made with ``eps + g xi`` (xi fresh noise, g this
+    # value) while the target keeps ``eps``, so the generator learns from inputs a little off
+    # the path, as its own samples are (Ning et al. 2023, input perturbation against exposure
+    # bias; they use 0.1). 0: off.
+    input_perturbation: float = Field(0.0, ge=0.0)
     # Probability of replacing the planning signals by the learned null during training (CFG).
     cfg_dropout: float = Field(0.1, ge=0.0, le=1.0)
     activation_checkpointing: bool = False

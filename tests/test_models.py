@@ -347,3 +347,21 @@ def test_x0_prediction_samples_through_the_velocity_it_implies():
     out = model.sample(video, mask, kind="dm", steps=3, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out[:, [0, 3]], video[:, [0, 3]])
+
+
+def test_input_perturbation_moves_training_inputs_off_the_path_and_only_in_training():
+    """``input_perturbation: g`` noises the training input with ``eps + g xi`` but keeps the
+    target: the loss changes in training mode; in evaluation mode (held-out loss) it does not."""
+    torch.manual_seed(0)
+    video, mask = _video(32, 4, batch=2), interpolation_mask(4, batch=2)
+    t_B = torch.tensor([0.5, 0.8])
+
+    def loss(perturbation: float, training: bool) -> float:
+        cfg = ModelConfig(preset="debug", prediction="x0", input_perturbation=perturbation)
+        torch.manual_seed(1)
+        model = _perturbed(build_model(cfg)).train(training)
+        gen = torch.Generator().manual_seed(2)
+        return model(video, mask, kind="dm", generator=gen, t_B=t_B)["loss"].item()
+
+    assert loss(0.1, training=True) != pytest.approx(loss(0.0, training=True), rel=1e-4)
+    assert loss(0.1, training=False) == loss(0.0, training=False)

@@ -16,7 +16,7 @@ import webdataset as wds
 import yaml
 from typer.testing import CliRunner
 
-from mardini.cli import app
+from pipelines.cli import app  # the `mardini` command: `prep` is registered there
 from mardini.config import load_config
 from mardini.data.loader import SharedMemoryError, sample_bytes
 from mardini.data.shards import MANIFEST, clip_size

@@ -130,8 +130,11 @@ class MarDini(nn.Module):
         t_B = self.schedule.sample_t(b, generator, hi.device) if t_B is None else t_B.to(hi.device)
         eps = _randn(hi.shape, hi, generator)
         t_BT = torch.where(frame_mask_BT, torch.zeros_like(t_B[:, None]), t_B[:, None])
+        noise = eps
+        if self.training and self.cfg.input_perturbation > 0:
+            noise = eps + self.cfg.input_perturbation * _randn(hi.shape, hi, generator)
         x_t = torch.where(
-            frame_mask_BT[..., None, None, None], hi, self.schedule.add_noise(hi, eps, t_BT)
+            frame_mask_BT[..., None, None, None], hi, self.schedule.add_noise(hi, noise, t_BT)
         )
         v = self.velocity(x_t, t_BT, frame_mask_BT, plan, attention)
         if self.cfg.loss_space == "x0":
