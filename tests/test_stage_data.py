@@ -16,7 +16,6 @@ import webdataset as wds
 import yaml
 from typer.testing import CliRunner
 
-from pipelines.cli import app  # the `mardini` command: `prep` is registered there
 from mardini.config import load_config
 from mardini.data.loader import SharedMemoryError, sample_bytes
 from mardini.data.shards import MANIFEST, clip_size
@@ -27,6 +26,7 @@ from mardini.train.engine import (
     check_loader_memory,
     check_resolution,
 )
+from pipelines.cli import app  # the `mardini` command: `prep` is registered there
 from tests.conftest import CONFIGS
 
 
