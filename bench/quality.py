@@ -7,7 +7,9 @@ is ``micro_batch x grad_accum x --ranks`` clips, the batch of a ``--ranks``-rank
 evaluates on the held-out split exactly as ``mardini eval`` does. Printed per row: interpolation
 and image-to-video PSNR of the sampled frames and of the one-call x0 estimate, SSIM, the
 nearest-frame and linear-blend baselines on the same clips and the differences to them (dB),
-training seconds and steps/s. The rows of one run are measured side by side on one machine.
+training seconds and steps/s. ``--sample-steps 1,5,25`` evaluates each trained model at those
+sampler step counts (one row each; default: the config's ``sample.steps``). The rows of one run
+are measured side by side on one machine.
 
 Before the stage itself, the stages it starts from (``init_from``) are trained the same way at
 their configured steps, once per variant (``--from-scratch`` skips them).
@@ -36,6 +38,7 @@ from mardini.train.inprocess import evaluate_held_out, start_from, train_in_proc
 COLUMNS = (
     ("variant", 14, "<"),
     ("steps", 5, "d"),
+    ("sampler_steps", 4, "d"),
     ("train_s", 7, ".1f"),
     ("steps_per_s", 5, ".2f"),
     ("|", 1, ""),
@@ -54,7 +57,7 @@ COLUMNS = (
     ("i2v_vs_nearest", 6, "+.2f"),
 )
 HEADER = (
-    "variant        steps train_s  st/s | interp  x0est nearest  blend  -near -blend   ssim "
+    "variant        steps samp train_s  st/s | interp  x0est nearest  blend  -near -blend   ssim "
     "nearest | i2v    x0est nearest  -near"
 )
 
@@ -100,6 +103,12 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=2, help="batch = micro_batch x this")
     parser.add_argument("--clips", type=int, default=32, help="held-out clips evaluated")
     parser.add_argument("--from-scratch", action="store_true", help="skip init_from stages")
+    parser.add_argument(
+        "--sample-steps",
+        default=None,
+        help="comma-separated sampler step counts to evaluate each trained model at "
+        "(default: the config's sample.steps)",
+    )
     parser.add_argument("--json", default=None, help="append every row as JSON to this file")
     parser.add_argument(
         "--save", default=None, help="write each trained model's weights to DIR/VARIANT-STEPS.pt"
@@ -108,6 +117,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     store = store_root(args.store)
     counts = [int(s) for s in args.steps.split(",") if s]
+    sample_counts = [int(s) for s in (args.sample_steps or "").split(",") if s]
     variants = [parse_variant(v) for v in args.variant] or [("config", [])]
     print(f"{args.config}, held-out split, {torch.get_num_threads()} threads")
     print(HEADER, flush=True)
@@ -125,28 +135,33 @@ def main() -> None:
             init = start_from(cfg, stage, store, args.ranks, {}, announce)
         for count in counts:
             trained = train_in_process(cfg, stage, store, count, args.ranks, init)
-            metrics = evaluate_held_out(cfg, stage, trained.model, store, args.clips)
-            values = {
-                "variant": name[:14],
-                "steps": count,
-                "train_s": trained.seconds,
-                "steps_per_s": count / trained.seconds,
-                **metrics,
-            }
-            for task, prefix in (("interp", ""), ("i2v", "i2v_")):
-                model_psnr = metrics.get(f"{task}_psnr")
-                for base in ("nearest", "blend"):
-                    ref = metrics.get(f"baseline_{base}_{task}_psnr")
-                    if model_psnr is not None and ref is not None:
-                        values[f"{prefix}vs_{base}"] = model_psnr - ref
-            print(row(values), flush=True)
+            for sampler_steps in sample_counts or [cfg.sample.steps]:
+                sampled = cfg.model_copy(
+                    update={"sample": cfg.sample.model_copy(update={"steps": sampler_steps})}
+                )
+                metrics = evaluate_held_out(sampled, stage, trained.model, store, args.clips)
+                values = {
+                    "variant": name[:14],
+                    "steps": count,
+                    "sampler_steps": sampler_steps,
+                    "train_s": trained.seconds,
+                    "steps_per_s": count / trained.seconds,
+                    **metrics,
+                }
+                for task, prefix in (("interp", ""), ("i2v", "i2v_")):
+                    model_psnr = metrics.get(f"{task}_psnr")
+                    for base in ("nearest", "blend"):
+                        ref = metrics.get(f"baseline_{base}_{task}_psnr")
+                        if model_psnr is not None and ref is not None:
+                            values[f"{prefix}vs_{base}"] = model_psnr - ref
+                print(row(values), flush=True)
+                if args.json:
+                    with open(args.json, "a") as out:
+                        record = {"overrides": overrides, "stage": stage.name, **values}
+                        out.write(json.dumps(record) + "\n")
             if args.save:
                 os.makedirs(args.save, exist_ok=True)
                 torch.save(trained.model.state_dict(), f"{args.save}/{name}-{count}.pt")
-            if args.json:
-                with open(args.json, "a") as out:
-                    record = {"overrides": overrides, "stage": stage.name, **values}
-                    out.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":

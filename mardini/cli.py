@@ -127,7 +127,9 @@ def eval_(
     fps: float = typer.Option(None, help="Clip frame rate (stage's, else 8)."),
     max_clips: int = typer.Option(32, help="Evaluate at most this many held-out clips."),
     batch: int = typer.Option(4, help="Clips per batch."),
-    steps: int = typer.Option(None, help="Denoising steps (config's sample.steps, else 25)."),
+    steps: int = typer.Option(
+        None, help="Denoising steps (config's sample.steps, else the export's, else 25)."
+    ),
     cfg_scale: float = typer.Option(None, help="Guidance scale for image-to-video (1.0)."),
     seed: int = typer.Option(None, help="Seed of the noise (config's, else 0)."),
     i3d: str = typer.Option(
@@ -239,9 +241,15 @@ OUT = typer.Option(None, "--out", "-o", help="Output mp4 (out/<task>.mp4).")
 GIF = typer.Option(False, help="Also write a GIF next to the mp4.")
 LOSSLESS = typer.Option(False, help="Lossless RGB mp4 (exact pixels; fewer players).")
 SIZE = typer.Option(None, help="Frame side in pixels (the stage's, else 32).")
-STEPS = typer.Option(25, help="Denoising steps.")
-SOLVER = typer.Option("euler", help="euler or heun.")
-CFG = typer.Option(1.0, help="Guidance scale (image-to-video and expansion; paper: 2.5).")
+STEPS = typer.Option(
+    None, help="Denoising steps (default: those the model was evaluated with, else 25)."
+)
+SOLVER = typer.Option(None, help="euler or heun (default: as evaluated, else euler).")
+CFG = typer.Option(
+    None,
+    help="Guidance scale, image-to-video and expansion (default: as evaluated, else 1; "
+    "paper: 2.5).",
+)
 SEED = typer.Option(0, help="Seed of the noise.")
 FPS = typer.Option(None, help="Output frame rate (the stage's, else 8).")
 DEVICE = typer.Option("cpu", help="cpu or cuda.")
@@ -258,13 +266,7 @@ def _generate(task: str, checkpoint: str, out, store, device, run, **opts) -> No
     _set_threads(opts["threads"])
     with console.status(f"loading {checkpoint}"):
         model, meta = load_model(checkpoint, device=device, tracking_uri=_tracking(store))
-    sample = g.SampleOptions(
-        steps=opts["steps"],
-        solver=opts["solver"],
-        cfg_scale=opts["cfg_scale"],
-        seed=opts["seed"],
-        kind=g.sample_kind(meta),
-    )
+    sample = g.options_for(meta, opts["steps"], opts["solver"], opts["cfg_scale"], opts["seed"])
     size = opts["size"] or stage_setting(meta, "resolution", g.DEFAULT_RESOLUTION)
     fps = opts["fps"] or stage_setting(meta, "fps", g.DEFAULT_FPS)
     with Progress(

@@ -52,6 +52,24 @@ def sample_kind(meta: dict[str, Any]) -> str:
     return "dm" if kind == "dm" else "joint"
 
 
+def options_for(
+    meta: dict[str, Any],
+    steps: int | None = None,
+    solver: str | None = None,
+    cfg_scale: float | None = None,
+    seed: int = 0,
+) -> SampleOptions:
+    """Sampling options for a checkpoint: what is given; where ``None``, the sampler its stage
+    was evaluated and gated with (its export's ``sample``: the curriculum's), else the
+    defaults. Its gates hold for that sampler, so that is what it generates with."""
+    recorded = meta.get("sample") or {}
+    given = {"steps": steps, "solver": solver, "cfg_scale": cfg_scale}
+    chosen = {k: recorded.get(k) if v is None else v for k, v in given.items()}
+    return SampleOptions(
+        **{k: v for k, v in chosen.items() if v is not None}, seed=seed, kind=sample_kind(meta)
+    )
+
+
 # ----------------------------------------------------------------------------- sampling
 
 

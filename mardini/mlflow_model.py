@@ -21,7 +21,8 @@ DataFrame (one request per row); each request has
   video), or, in-process only, a ``pathlib.Path`` (strings are never read as paths, so a
   client of ``mlflow models serve`` cannot make the server read its files);
 - ``frames`` (interpolate, i2v: total frames), ``add`` (expand), ``window`` and ``total`` (long);
-- optional ``size``, ``steps``, ``seed``, ``cfg_scale``, ``window`` (expand), and ``format``.
+- optional ``size``, ``steps``, ``seed``, ``cfg_scale``, ``window`` (expand), and ``format``;
+  ``steps`` and ``cfg_scale`` default to the sampler the model was evaluated and gated with.
 The schema (``Request``) is the model's signature, shown on the registry page. MLflow checks
 each field's type; ``parse_request`` then names a missing, unknown or out-of-range field (HTTP
 400 when served). Output: one uint8 array ``T H W 3`` per request, or with ``"format": "mp4"``
@@ -284,11 +285,11 @@ class MarDiniModel(mlflow.pyfunc.PythonModel):
 
         task, fmt = request["task"], request["format"]
         size = int(request.get("size") or stage_setting(self.meta, "resolution", 32))
-        opts = g.SampleOptions(
-            steps=request.get("steps", 25),
+        opts = g.options_for(
+            self.meta,
+            steps=request.get("steps"),
+            cfg_scale=request.get("cfg_scale"),
             seed=request.get("seed", 0),
-            cfg_scale=request.get("cfg_scale", 1.0),
-            kind=g.sample_kind(self.meta),
         )
         media = {
             key: _field_video(request[key], key, size) for key in MEDIA_FIELDS if key in request

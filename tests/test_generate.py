@@ -165,6 +165,18 @@ def test_library_calls_keep_references_exactly(checkpoint):
         g.interpolate(model, image, image, 2, opts)
 
 
+def test_generation_defaults_to_the_sampler_the_model_was_gated_with():
+    """An export records its curriculum's sampler; generation and serving use it unless told
+    otherwise, and exports written before it was recorded get the defaults."""
+    meta = {"kind": "dm", "sample": {"steps": 2, "solver": "heun", "cfg_scale": 1.5}}
+    opts = g.options_for(meta)
+    assert (opts.steps, opts.solver, opts.cfg_scale, opts.kind) == (2, "heun", 1.5, "dm")
+    given = g.options_for(meta, steps=7, cfg_scale=0.0, seed=3)
+    assert (given.steps, given.solver, given.cfg_scale, given.seed) == (7, "heun", 0.0, 3)
+    old = g.options_for({"kind": "joint"})
+    assert (old.steps, old.solver, old.cfg_scale) == (25, "euler", 1.0)
+
+
 def test_mar_checkpoint_refuses_to_generate(tmp_path):
     model = build_model("debug")
     meta = {"stage": "mar", "kind": "mar", "model": model.cfg.model_dump(mode="json")}

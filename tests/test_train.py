@@ -144,6 +144,8 @@ def test_each_stage_kind_trains_and_exports(curriculum, stage):
     assert meta["stage"] == stage and meta["steps"] == STEPS
     trained = TRAINED[stage]
     assert meta["trained_parts"] == list(trained)
+    # The sampler its gates measured, which generation and serving default to.
+    assert meta["sample"] == load_config(curriculum["config"]).sample.model_dump(mode="json")
     # The export holds every part; only the trained ones moved from where the stage started.
     start = _starting_weights(curriculum, stage)
     assert state.keys() == start.keys()

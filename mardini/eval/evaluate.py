@@ -414,11 +414,16 @@ def _why_missing(metric: str, kind: str) -> str:
 
 
 def settings_for(meta: dict[str, Any], **overrides: Any) -> EvalSettings:
-    """Settings from the stage recorded in an export (frames, resolution, fps), then overrides."""
+    """Settings from the stage and sampler recorded in an export (frames, resolution, fps;
+    steps, solver, guidance), then overrides."""
+    sampler = meta.get("sample") or {}
     base = EvalSettings(
         frames=stage_setting(meta, "frames", EvalSettings.frames),
         resolution=stage_setting(meta, "resolution", EvalSettings.resolution),
         fps=stage_setting(meta, "fps", EvalSettings.fps),
+        steps=sampler.get("steps", EvalSettings.steps),
+        solver=sampler.get("solver", EvalSettings.solver),
+        cfg_scale=sampler.get("cfg_scale", EvalSettings.cfg_scale),
     )
     for key, value in overrides.items():
         if not hasattr(base, key):

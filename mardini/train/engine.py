@@ -467,6 +467,8 @@ def train_stage(
             "model": cfg.model.model_dump(mode="json"),
             # Frames, resolution, fps and masks: what eval and generation use by default.
             "stage_config": stage.model_dump(mode="json"),
+            # The sampler it is evaluated and gated with: what generation and serving default to.
+            "sample": cfg.sample.model_dump(mode="json"),
             "mlflow_run_id": run_id,
         }
         export_final(state, meta, url)
