@@ -79,6 +79,18 @@ def row(values: dict) -> str:
     return " ".join(cells)
 
 
+def differences(metrics: dict) -> dict:
+    """The model's PSNR minus each baseline's, per task (dB), where both were measured."""
+    out = {}
+    for task, prefix in (("interp", ""), ("i2v", "i2v_")):
+        model_psnr = metrics.get(f"{task}_psnr")
+        for base in ("nearest", "blend"):
+            ref = metrics.get(f"baseline_{base}_{task}_psnr")
+            if model_psnr is not None and ref is not None:
+                out[f"{prefix}vs_{base}"] = model_psnr - ref
+    return out
+
+
 def parse_variant(text: str) -> tuple[str, list[str]]:
     """``name:key=value,key=value`` -> (name, overrides); ``name`` alone -> no overrides."""
     name, _, rest = text.partition(":")
@@ -147,13 +159,8 @@ def main() -> None:
                     "train_s": trained.seconds,
                     "steps_per_s": count / trained.seconds,
                     **metrics,
+                    **differences(metrics),
                 }
-                for task, prefix in (("interp", ""), ("i2v", "i2v_")):
-                    model_psnr = metrics.get(f"{task}_psnr")
-                    for base in ("nearest", "blend"):
-                        ref = metrics.get(f"baseline_{base}_{task}_psnr")
-                        if model_psnr is not None and ref is not None:
-                            values[f"{prefix}vs_{base}"] = model_psnr - ref
                 print(row(values), flush=True)
                 if args.json:
                     with open(args.json, "a") as out:

@@ -217,6 +217,12 @@ def stage_setting(meta: dict[str, Any], key: str, default: Any) -> Any:
     return stage.get(key, meta.get(key, default))
 
 
+def sample_setting(meta: dict[str, Any], key: str, default: Any) -> Any:
+    """A sampler setting (``steps``, ``solver``, ``cfg_scale``) the export's stage was evaluated
+    and gated with (its curriculum's ``sample``), or default (exports from before it was kept)."""
+    return (meta.get("sample") or {}).get(key, default)
+
+
 def load_init(
     model: torch.nn.Module,
     sources: list[str],

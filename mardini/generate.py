@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mardini.export import sample_setting
 from mardini.masking import expansion_mask, i2v_mask, interpolation_mask
 from mardini.models import MarDini
 
@@ -62,11 +63,16 @@ def options_for(
     """Sampling options for a checkpoint: what is given; where ``None``, the sampler its stage
     was evaluated and gated with (its export's ``sample``: the curriculum's), else the
     defaults. Its gates hold for that sampler, so that is what it generates with."""
-    recorded = meta.get("sample") or {}
-    given = {"steps": steps, "solver": solver, "cfg_scale": cfg_scale}
-    chosen = {k: recorded.get(k) if v is None else v for k, v in given.items()}
+
+    def pick(key: str, value: Any) -> Any:
+        return sample_setting(meta, key, getattr(SampleOptions, key)) if value is None else value
+
     return SampleOptions(
-        **{k: v for k, v in chosen.items() if v is not None}, seed=seed, kind=sample_kind(meta)
+        steps=pick("steps", steps),
+        solver=pick("solver", solver),
+        cfg_scale=pick("cfg_scale", cfg_scale),
+        seed=seed,
+        kind=sample_kind(meta),
     )
 
 

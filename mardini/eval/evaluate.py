@@ -55,7 +55,7 @@ from mardini.eval.gates import known_metrics
 from mardini.eval.heldout import GRID, batch_heldout_loss
 from mardini.eval.metrics import BASELINES, baseline, frechet_distance, fvd_embedder, psnr, ssim
 from mardini.eval.pictures import draw_grid, to_video
-from mardini.export import load_model, stage_setting
+from mardini.export import load_model, sample_setting, stage_setting
 from mardini.generate import sample_kind
 from mardini.masking import i2v_mask, interpolation_mask
 from mardini.models import MarDini
@@ -416,14 +416,13 @@ def _why_missing(metric: str, kind: str) -> str:
 def settings_for(meta: dict[str, Any], **overrides: Any) -> EvalSettings:
     """Settings from the stage and sampler recorded in an export (frames, resolution, fps;
     steps, solver, guidance), then overrides."""
-    sampler = meta.get("sample") or {}
     base = EvalSettings(
         frames=stage_setting(meta, "frames", EvalSettings.frames),
         resolution=stage_setting(meta, "resolution", EvalSettings.resolution),
         fps=stage_setting(meta, "fps", EvalSettings.fps),
-        steps=sampler.get("steps", EvalSettings.steps),
-        solver=sampler.get("solver", EvalSettings.solver),
-        cfg_scale=sampler.get("cfg_scale", EvalSettings.cfg_scale),
+        steps=sample_setting(meta, "steps", EvalSettings.steps),
+        solver=sample_setting(meta, "solver", EvalSettings.solver),
+        cfg_scale=sample_setting(meta, "cfg_scale", EvalSettings.cfg_scale),
     )
     for key, value in overrides.items():
         if not hasattr(base, key):
