@@ -202,7 +202,9 @@ def test_a_resumed_stage_reads_its_checkpoint_not_its_init_from(curriculum, tmp_
     """joint-interpolation starts from the mar and dm exports (init_from). Resumed from its
     step-4 checkpoint it must not read them again (each rank would download them whole at
     every restart): here they are deleted, and the resumed export still equals the
-    uninterrupted one, bit for bit, frozen weights included."""
+    uninterrupted one, bit for bit, frozen weights included. The local scratch of the restore
+    and of each save is gone afterwards (it used to stay in the temp dir, one per rank and
+    stage)."""
     store = tmp_path / "store"
     shutil.copytree(curriculum["store"], store)
     for stage in ("mar", "dm"):
@@ -212,9 +214,12 @@ def test_a_resumed_stage_reads_its_checkpoint_not_its_init_from(curriculum, tmp_
     shutil.rmtree(joint / "checkpoints" / f"step-{STEPS}")
     (joint / "checkpoints" / "latest").write_text("step-4")
     since = time.time()
-    _ok(_torchrun(curriculum["config"], "joint-interpolation", str(store)))
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    _ok(_torchrun(curriculum["config"], "joint-interpolation", str(store), env={"TMPDIR": str(scratch)}))  # fmt: skip
     uri = f"sqlite:///{store.resolve()}/mlflow.db"
     assert _steps_since(uri, "joint-interpolation", since) == [5, 6]  # resumed after step-4
+    assert not list(scratch.glob("mardini-ckpt-*"))
     want, _ = read_final(join(stage_dir(curriculum["store"], "trainer-test", "joint-interpolation"), "final"))  # fmt: skip
     got, _ = read_final(str(joint / "final"))
     assert want.keys() == got.keys()

@@ -22,6 +22,8 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,7 +71,16 @@ class CheckpointManager:
         self.every_s = 60 * every_minutes if every_minutes else None
         self.last_saved = time.monotonic()
         self.fs, self.path = filesystem(self.root)
-        self.local = Path(tempfile.mkdtemp(prefix=f"mardini-ckpt-r{rank}-"))
+
+    @contextmanager
+    def _scratch(self) -> Iterator[Path]:
+        """A local folder for one save or restore, removed after it whatever happens (a folder
+        kept per manager was left behind in the temp dir by every stage of every run)."""
+        local = Path(tempfile.mkdtemp(prefix=f"mardini-ckpt-r{self.rank}-"))
+        try:
+            yield local
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
 
     def latest(self) -> str | None:
         """The tag (``step-N``) of the newest complete checkpoint, or None."""
@@ -99,8 +110,13 @@ class CheckpointManager:
         """Save every rank's shard and ``TrainState``, upload them, and commit ``latest`` once
         all ranks uploaded."""
         tag = f"step-{state.step}"
-        local = self.local / "save"
-        shutil.rmtree(local, ignore_errors=True)
+        with self._scratch() as local:
+            self._save_and_upload(engine, state, tag, local)
+        self.last_saved = time.monotonic()
+        log.info("checkpoint %s committed to %s", tag, self.root)
+        return tag
+
+    def _save_and_upload(self, engine, state: TrainState, tag: str, local: Path) -> None:
         # DeepSpeed's client_state is written by rank 0 only: what differs between ranks (the
         # loader's lanes) goes beside each rank's partitions as rank_{rank}_state.json.
         shared = {"step": state.step, "mlflow_run_id": state.mlflow_run_id}
@@ -134,10 +150,6 @@ class CheckpointManager:
             )
             self._prune(state.step)
         dist.barrier()
-        shutil.rmtree(local, ignore_errors=True)
-        self.last_saved = time.monotonic()
-        log.info("checkpoint %s committed to %s", tag, self.root)
-        return tag
 
     def _prune(self, step: int) -> None:
         """Keep the newest ``keep`` complete checkpoints; delete older (and torn) step dirs."""
@@ -158,22 +170,20 @@ class CheckpointManager:
     def restore(self, engine, tag: str) -> TrainState:
         """Download this rank's files of checkpoint ``tag``, load model, optimizer and LR
         schedule into ``engine``, and return the ``TrainState`` saved with them."""
-        local = self.local / "load"
-        shutil.rmtree(local, ignore_errors=True)
-        (local / tag).mkdir(parents=True)
         remote = f"{self.path}/{tag}"
         listing = retry(lambda: self.fs.find(remote), f"listing {remote}")
-        for file in rank_files(listing, self.rank, self.world_size, remote):
-            target = local / tag / file[len(remote) :].lstrip("/")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            retry(lambda f=file, t=target: self.fs.get_file(f, str(t)), f"download of {file}")
-        path, shared = engine.load_checkpoint(str(local), tag=tag)
-        if path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {remote}")
-        own_file = local / tag / rank_state_name(self.rank)
-        # Checkpoints written before rank states existed have none: the loader then replays.
-        own = json.loads(own_file.read_text()) if own_file.exists() else {}
-        shutil.rmtree(local, ignore_errors=True)
+        with self._scratch() as local:
+            (local / tag).mkdir()
+            for file in rank_files(listing, self.rank, self.world_size, remote):
+                target = local / tag / file[len(remote) :].lstrip("/")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                retry(lambda f=file, t=target: self.fs.get_file(f, str(t)), f"download of {file}")
+            path, shared = engine.load_checkpoint(str(local), tag=tag)
+            if path is None:
+                raise RuntimeError(f"DeepSpeed could not load checkpoint {remote}")
+            own_file = local / tag / rank_state_name(self.rank)
+            # Checkpoints written before rank states existed have none: the loader then replays.
+            own = json.loads(own_file.read_text()) if own_file.exists() else {}
         shared = shared or {}
         return TrainState(
             step=int(shared["step"]),
