@@ -19,11 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,15 +69,12 @@ class CheckpointManager:
         self.last_saved = time.monotonic()
         self.fs, self.path = filesystem(self.root)
 
-    @contextmanager
-    def _scratch(self) -> Iterator[Path]:
+    def _scratch(self) -> tempfile.TemporaryDirectory:
         """A local folder for one save or restore, removed after it whatever happens (a folder
         kept per manager was left behind in the temp dir by every stage of every run)."""
-        local = Path(tempfile.mkdtemp(prefix=f"mardini-ckpt-r{self.rank}-"))
-        try:
-            yield local
-        finally:
-            shutil.rmtree(local, ignore_errors=True)
+        return tempfile.TemporaryDirectory(
+            prefix=f"mardini-ckpt-r{self.rank}-", ignore_cleanup_errors=True
+        )
 
     def latest(self) -> str | None:
         """The tag (``step-N``) of the newest complete checkpoint, or None."""
@@ -111,7 +105,7 @@ class CheckpointManager:
         all ranks uploaded."""
         tag = f"step-{state.step}"
         with self._scratch() as local:
-            self._save_and_upload(engine, state, tag, local)
+            self._save_and_upload(engine, state, tag, Path(local))
         self.last_saved = time.monotonic()
         log.info("checkpoint %s committed to %s", tag, self.root)
         return tag
@@ -172,7 +166,8 @@ class CheckpointManager:
         schedule into ``engine``, and return the ``TrainState`` saved with them."""
         remote = f"{self.path}/{tag}"
         listing = retry(lambda: self.fs.find(remote), f"listing {remote}")
-        with self._scratch() as local:
+        with self._scratch() as scratch:
+            local = Path(scratch)
             (local / tag).mkdir()
             for file in rank_files(listing, self.rank, self.world_size, remote):
                 target = local / tag / file[len(remote) :].lstrip("/")
